@@ -1,0 +1,144 @@
+"""Public entry points of the exact reference: ``fisher_matrix``, ``fisher_vp``, ``natural_gradient``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from natchain._checks import check_nonnegative
+from natchain._problem import build_problem
+from natchain._solvers import SOLVERS, AbstractSolver
+from natchain._solvers._base import DEFAULT_MAX_PARAMS, check_dense_size
+
+
+class Solution(NamedTuple):
+    """A natural gradient and how it was obtained.
+
+    Attributes:
+        value: the natural gradient, a pytree shaped like ``params``.
+        grad: the ordinary loss gradient ``g`` (same shape), for comparisons.
+        stats: the solver's statistics (``rank``, ``num_cut``, ``num_steps``,
+            ``residual``, ``converged`` … as the solver provides them).
+    """
+
+    value: Any
+    grad: Any
+    stats: dict
+
+
+def fisher_matrix(
+    model,
+    params,
+    x,
+    family,
+    *,
+    kind: str = "true",
+    y=None,
+    key=None,
+    num_samples: int = 1,
+    max_params: int | None = DEFAULT_MAX_PARAMS,
+):
+    """Dense Fisher ``F_theta = Jᵀ F_blk J`` (mean over the batch), ``(P, P)``.
+
+    Rows and columns follow ``jax.flatten_util.ravel_pytree(params)``.
+
+    Args:
+        model: ``model(params, x) -> eta`` of shape ``(N, m)``.
+        params: parameter pytree.
+        x: the batch of inputs (not differentiated).
+        family: the output family (e.g. ``natchain.Categorical()``).
+        kind: ``"true"`` (closed form), ``"mc"`` (``num_samples`` samples per example from
+            the model, needs ``key``) or ``"empirical"`` (scores at the targets ``y``).
+        y: targets, needed for ``kind="empirical"``.
+        key: PRNG key for ``kind="mc"``.
+        num_samples: samples per example for ``kind="mc"``.
+        max_params: refuse ``P`` above this (``None``: no limit).
+
+    Raises:
+        ValueError: bad shapes, non-finite values, unknown kind, missing key/targets,
+            ``P > max_params``.
+    """
+    prob = build_problem(
+        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples, need_y=False
+    )
+    check_dense_size(prob.num_params, max_params, "fisher_matrix")
+    b = prob.factor_jacobian()
+    return b.T @ b
+
+
+def fisher_vp(model, params, x, family, *, kind="true", y=None, key=None, num_samples=1):
+    """Matrix-free Fisher: returns ``v -> F_theta v`` acting on pytrees shaped like ``params``.
+
+    Each product costs one JVP and one VJP of the model, linearised once here. Arguments
+    as for :func:`fisher_matrix`.
+    """
+    prob = build_problem(
+        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples, need_y=False
+    )
+    _, jvp = jax.linearize(lambda p: model(p, x), params)
+    vjp = jax.linear_transpose(jvp, params)
+
+    def fvp(v):
+        return vjp(prob.apply_fblk(jvp(v)))[0]
+
+    return fvp
+
+
+def make_solver(solver, **options) -> AbstractSolver:
+    """A solver instance from a name (``"pinv"``, ``"cholesky"``, ``"gram"``, ``"cg"``) or instance."""
+    if isinstance(solver, AbstractSolver):
+        if options:
+            raise ValueError(f"solver options {sorted(options)} given with a solver instance.")
+        return solver
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {tuple(SOLVERS)} (or a solver instance).")
+    return SOLVERS[solver](**options)
+
+
+def natural_gradient(
+    model,
+    params,
+    x,
+    y,
+    family,
+    *,
+    solver="pinv",
+    kind: str = "true",
+    damping=0.0,
+    key=None,
+    num_samples: int = 1,
+    **solver_options,
+) -> Solution:
+    """The exact natural gradient ``(F_theta + λI)⁺ g`` of the mean negative log-likelihood.
+
+    Args:
+        model: ``model(params, x) -> eta`` of shape ``(N, m)``; examples independent.
+        params: parameter pytree (floating-point leaves).
+        x: batch of inputs (data: not differentiated).
+        y: targets, ``(N, ...)`` as the family expects.
+        family: the output family.
+        solver: ``"pinv"`` (dense eigendecomposition), ``"cholesky"`` (dense, damped),
+            ``"gram"`` (``N·r`` output space), ``"cg"`` (matrix-free), or an
+            :class:`AbstractSolver` instance.
+        kind: Fisher kind, ``"true"``, ``"mc"`` or ``"empirical"``.
+        damping: ``λ ≥ 0``; ``0`` gives the minimum-norm solution.
+        key, num_samples: for ``kind="mc"``.
+        **solver_options: passed to the solver class (``rcond``, ``tol``, ``maxiter``,
+            ``max_params``, ``structured``, ``factorization``).
+
+    Returns:
+        A :class:`Solution` (``value`` shaped like ``params``, ``grad``, ``stats``).
+
+    Raises:
+        ValueError / TypeError: bad shapes, non-finite values, labels outside the
+            support, negative damping, unknown solver or kind, ``mc`` without ``key``,
+            a dense solve too large for ``max_params``.
+    """
+    check_nonnegative(damping, "damping")
+    solver = make_solver(solver, **solver_options)
+    prob = build_problem(
+        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples
+    )
+    flat_sol, stats = solver.solve(prob, damping)
+    return Solution(prob.unravel(flat_sol), prob.unravel(prob.gradient()), stats)

@@ -1,0 +1,161 @@
+"""The natural-gradient problem at one point: model outputs, Fisher factors, the gradient.
+
+Everything the exact solvers need is gathered here once, in flattened parameter space
+(``jax.flatten_util.ravel_pytree`` order):
+
+- ``eta = f(theta)`` of shape ``(N, m)``;
+- the scaled output-Fisher factor ``M`` of shape ``(N, m, r)`` with
+  ``F_blk = blockdiag(M_i M_iᵀ)`` — the ``1/N`` batch mean is folded into ``M``;
+- the output cotangent ``b = ∂L/∂eta`` (``(N, m)``, ``1/N`` inside) so that ``g = Jᵀ b``.
+
+Fisher kinds (DESIGN §2): ``true`` uses the family's closed-form factor; ``mc`` uses
+``S`` score vectors at targets sampled from the model's own distribution;
+``empirical`` uses the score at the observed target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from natchain._checks import check_choice, check_finite, check_float_params
+from natchain._families import AbstractFamily
+
+KINDS = ("true", "mc", "empirical")
+
+
+def check_family(family) -> None:
+    if not isinstance(family, AbstractFamily):
+        raise TypeError(
+            f"family must be a natchain family (e.g. natchain.Categorical()); got {family!r}."
+        )
+
+
+def output_factor(family, eta, kind="true", y=None, key=None, num_samples=1):
+    """Per-example factors ``M`` (``(N, m, r)``) with ``F_eta,i = M_i M_iᵀ`` (no ``1/N``).
+
+    Args:
+        family: the output family.
+        eta: model outputs, ``(N, m)``.
+        kind: ``"true"``, ``"mc"`` or ``"empirical"``.
+        y: observed targets (``empirical`` only).
+        key: PRNG key (``mc`` only).
+        num_samples: samples per example (``mc`` only).
+
+    Raises:
+        ValueError: unknown ``kind``, ``mc`` without ``key``, ``empirical`` without ``y``.
+    """
+    check_choice(kind, KINDS, "kind")
+    if kind == "true":
+        return jax.vmap(family.fisher_sqrt)(eta)
+    if kind == "empirical":
+        if y is None:
+            raise ValueError("kind='empirical' needs the observed targets `y`.")
+        return jax.vmap(family.score)(eta, y)[:, :, None]
+    if key is None:
+        raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
+    keys = jax.random.split(key, eta.shape[0])
+    ys = jax.vmap(lambda k, e: family.sample(k, e, (num_samples,)))(keys, eta)
+    scores = jax.vmap(jax.vmap(family.score, in_axes=(None, 0)))(eta, ys)  # (N, S, m)
+    return jnp.swapaxes(scores, 1, 2) / math.sqrt(num_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A natural-gradient problem in flattened parameter space (see module docstring)."""
+
+    model: Callable
+    x: object
+    family: AbstractFamily
+    kind: str
+    flat: jax.Array
+    unravel: Callable
+    eta: jax.Array
+    factor: jax.Array  # (N, m, r), 1/sqrt(N) folded in
+    cotangent: jax.Array | None  # (N, m), 1/N folded in; None without targets
+
+    @property
+    def num_params(self) -> int:
+        return self.flat.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.eta.shape[0]
+
+    @property
+    def in_range(self) -> bool:
+        """Whether ``b`` lies in the range of ``F_blk`` by construction (true, empirical)."""
+        return self.kind in ("true", "empirical")
+
+    def f(self, flat):
+        """Model outputs as a function of the flat parameter vector."""
+        return self.model(self.unravel(flat), self.x)
+
+    def jvp(self, v):
+        return jax.jvp(self.f, (self.flat,), (v,))[1]
+
+    def vjp(self, u):
+        return jax.vjp(self.f, self.flat)[1](u)[0]
+
+    def jacobian(self):
+        """Materialised Jacobian ``(N, m, P)`` — reverse or forward mode, whichever is cheaper."""
+        n, m = self.eta.shape
+        jac = jax.jacrev if n * m <= self.num_params else jax.jacfwd
+        return jac(self.f)(self.flat)
+
+    def apply_fblk(self, u):
+        """``F_blk u`` for ``u`` of shape ``(N, m)``."""
+        return jnp.einsum("nmr,nr->nm", self.factor, jnp.einsum("nmr,nm->nr", self.factor, u))
+
+    def fvp(self, v):
+        """``F_theta v`` (flat), matrix-free: JVP, ``F_blk``, VJP."""
+        return self.vjp(self.apply_fblk(self.jvp(v)))
+
+    def factor_jacobian(self, jac=None):
+        """``B = Mᵀ J`` of shape ``(N·r, P)``, so that ``F_theta = Bᵀ B``."""
+        jac = self.jacobian() if jac is None else jac
+        b = jnp.einsum("nmr,nmp->nrp", self.factor, jac)
+        return b.reshape(-1, b.shape[-1])
+
+    def gradient(self):
+        """The loss gradient ``g = Jᵀ b`` (flat)."""
+        if self.cotangent is None:
+            raise ValueError("this problem was built without targets `y`: no gradient.")
+        return self.vjp(self.cotangent)
+
+
+def build_problem(
+    model, params, x, family, *, y=None, kind="true", key=None, num_samples=1, need_y=True
+) -> Problem:
+    """Validate the inputs and gather the quantities every exact solver needs."""
+    check_family(family)
+    check_choice(kind, KINDS, "kind")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(params, x); got {model!r}.")
+    check_float_params(params)
+    check_finite(params, "params")
+    check_finite(x, "x")
+    if kind == "mc" and key is None:
+        raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
+    flat, unravel = ravel_pytree(params)
+    eta = model(params, x)
+    family.check_output(eta)
+    check_finite(eta, "model output")
+    if (need_y or kind == "empirical") and y is None:
+        raise ValueError("targets `y` are required here (the gradient or the empirical Fisher).")
+    if y is not None:
+        family.check_targets(y, eta)
+    n = eta.shape[0]
+    factor = output_factor(family, eta, kind, y=y, key=key, num_samples=num_samples)
+    factor = factor / jnp.sqrt(jnp.asarray(n, eta.dtype))
+    cot = None
+    if y is not None:
+        cot = jax.vmap(jax.grad(family.nll))(eta, y) / n
+    return Problem(model, x, family, kind, flat, unravel, eta, factor, cot)

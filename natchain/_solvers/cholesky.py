@@ -1,0 +1,45 @@
+"""Dense damped solve by Cholesky factorisation."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+from natchain._checks import is_concrete
+from natchain._solvers._base import (
+    DEFAULT_MAX_PARAMS,
+    AbstractSolver,
+    check_dense_size,
+    relative_residual,
+)
+
+
+class Cholesky(AbstractSolver):
+    """Solve ``(F_theta + λI) n = g`` with a Cholesky factorisation of the dense matrix.
+
+    Needs ``damping > 0`` (``F_theta`` alone is only semi-definite). A factorisation that
+    broke down shows as ``converged = False`` with a non-finite ``residual``.
+
+    Args:
+        max_params: refuse ``P`` above this (``None``: no limit).
+    """
+
+    name = "cholesky"
+
+    def __init__(self, max_params: int | None = DEFAULT_MAX_PARAMS):
+        self.max_params = max_params
+
+    def solve(self, problem, damping):
+        if is_concrete(damping) and float(damping) <= 0:
+            raise ValueError(
+                "solver='cholesky' needs damping > 0 (F_theta is only positive semi-definite); "
+                "use solver='pinv' or 'gram' for the undamped minimum-norm solution."
+            )
+        p = problem.num_params
+        check_dense_size(p, self.max_params, self.name)
+        b = problem.factor_jacobian()
+        mat = b.T @ b + damping * jnp.eye(p, dtype=b.dtype)
+        g = problem.gradient()
+        sol = jsl.cho_solve(jsl.cho_factor(mat, lower=True), g)
+        res = relative_residual(lambda v: mat @ v, sol, g)
+        return sol, {"residual": res, "converged": jnp.isfinite(res)}
