@@ -46,6 +46,14 @@ class AbstractFamily(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim})"
 
+    # Families are configuration: equal when of the same type with the same settings, so
+    # that they can be static arguments of ``jax.jit`` without needless recompilation.
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
     # ---- shapes and validation -------------------------------------------------------
     _width_rule = "a positive integer"
 
@@ -53,8 +61,8 @@ class AbstractFamily(abc.ABC):
         return m >= 1
 
     def check_output(self, eta, name: str = "model output") -> None:
-        """Raise ``ValueError`` unless ``eta`` has shape ``(N, m)`` with a width this family takes."""
-        shape = jnp.shape(eta)
+        """Raise ``ValueError`` unless ``eta`` is ``(N, m)`` with a width this family takes."""
+        shape = tuple(eta.shape)
         if len(shape) != 2:
             raise ValueError(
                 f"{name} must have shape (N, m) = (batch, {self._width_name()}) for "
@@ -67,8 +75,8 @@ class AbstractFamily(abc.ABC):
                 f"{name} has width m={m} but {self!r} expects {want} "
                 f"({self._width_name()} per example)."
             )
-        if not jnp.issubdtype(jnp.result_type(eta), jnp.floating):
-            raise TypeError(f"{name} must be floating point; got dtype {jnp.result_type(eta)}.")
+        if not jnp.issubdtype(eta.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point; got dtype {eta.dtype}.")
 
     def _width_name(self) -> str:
         return "parameters"
@@ -79,7 +87,7 @@ class AbstractFamily(abc.ABC):
 
     def check_targets(self, y, eta, name: str = "y") -> None:
         """Raise ``ValueError`` when ``y`` does not fit ``eta`` (shape) or the support (values)."""
-        n, m = jnp.shape(eta)
+        n, m = eta.shape
         want = (n, *self.target_shape(m))
         if tuple(jnp.shape(y)) != want:
             raise ValueError(
@@ -159,7 +167,9 @@ class Categorical(AbstractFamily):
         self.representative = representative
 
     def __repr__(self) -> str:
-        rep = "" if self.representative == "min_norm" else f", representative={self.representative!r}"
+        rep = (
+            "" if self.representative == "min_norm" else f", representative={self.representative!r}"
+        )
         return f"Categorical(dim={self.dim}{rep})"
 
     def _width_ok(self, m):
@@ -178,7 +188,7 @@ class Categorical(AbstractFamily):
     def check_targets(self, y, eta, name="y"):
         super().check_targets(y, eta, name)
         if is_concrete(y):
-            m = jnp.shape(eta)[1]
+            m = eta.shape[1]
             y = np.asarray(y)
             bad = (y < 0) | (y >= m)
             if np.any(bad):

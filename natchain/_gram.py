@@ -115,7 +115,9 @@ def _run(jaxpr, consts, args, sites, taps, record, path=()):
         env[v] = val
     for v, val in zip(jaxpr.invars, args, strict=True):
         env[v] = val
-    prefixes = {s[: len(path) + 1] for s in sites if len(s) > len(path) + 1 and s[: len(path)] == path}
+    prefixes = {
+        s[: len(path) + 1] for s in sites if len(s) > len(path) + 1 and s[: len(path)] == path
+    }
     for k, eqn in enumerate(jaxpr.eqns):
         key = (*path, k)
         invals = [read(v) for v in eqn.invars]

@@ -23,7 +23,7 @@ def bind_eqn(eqn, invals):
 
 
 def call_subjaxpr(eqn):
-    """The ``ClosedJaxpr`` of a plain call equation (``jit``/``pjit``/``closed_call``), else None."""
+    """The ``ClosedJaxpr`` of a plain call (``jit``/``pjit``/``closed_call``), else None."""
     key = CALL_JAXPR_PARAM.get(eqn.primitive.name)
     if key is None:
         return None

@@ -1,13 +1,17 @@
-"""Public entry points of the exact reference: ``fisher_matrix``, ``fisher_vp``, ``natural_gradient``."""
+"""The exact reference's entry points: ``fisher_matrix``, ``fisher_vp``, ``natural_gradient``."""
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
+import jax.numpy as jnp
 
-from natchain._checks import check_nonnegative
-from natchain._problem import build_problem
+from natchain._checks import check_nonnegative, is_concrete
+from natchain._problem import build_problem, check_outputs, validate_inputs
 from natchain._solvers import SOLVERS, AbstractSolver
 from natchain._solvers._base import DEFAULT_MAX_PARAMS, check_dense_size
 
@@ -59,12 +63,22 @@ def fisher_matrix(
         ValueError: bad shapes, non-finite values, unknown kind, missing key/targets,
             ``P > max_params``.
     """
+    validate_inputs(
+        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples, need_y=False
+    )
+    check_dense_size(jax.flatten_util.ravel_pytree(params)[0].size, max_params, "fisher_matrix")
+    fisher, finite = _fisher_matrix(model, family, kind, num_samples, params, x, y, key)
+    check_outputs(finite)
+    return fisher
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _fisher_matrix(model, family, kind, num_samples, params, x, y, key):
     prob = build_problem(
         model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples, need_y=False
     )
-    check_dense_size(prob.num_params, max_params, "fisher_matrix")
     b = prob.factor_jacobian()
-    return b.T @ b
+    return b.T @ b, jnp.all(jnp.isfinite(prob.eta))
 
 
 def fisher_vp(model, params, x, family, *, kind="true", y=None, key=None, num_samples=1):
@@ -86,13 +100,15 @@ def fisher_vp(model, params, x, family, *, kind="true", y=None, key=None, num_sa
 
 
 def make_solver(solver, **options) -> AbstractSolver:
-    """A solver instance from a name (``"pinv"``, ``"cholesky"``, ``"gram"``, ``"cg"``) or instance."""
+    """A solver from a name (``"pinv"``, ``"cholesky"``, ``"gram"``, ``"cg"``) or an instance."""
     if isinstance(solver, AbstractSolver):
         if options:
             raise ValueError(f"solver options {sorted(options)} given with a solver instance.")
         return solver
     if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not one of {tuple(SOLVERS)} (or a solver instance).")
+        raise ValueError(
+            f"solver={solver!r} is not one of {tuple(SOLVERS)} (or a solver instance)."
+        )
     return SOLVERS[solver](**options)
 
 
@@ -137,8 +153,20 @@ def natural_gradient(
     """
     check_nonnegative(damping, "damping")
     solver = make_solver(solver, **solver_options)
-    prob = build_problem(
-        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples
+    validate_inputs(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
+    damped = bool(damping > 0) if is_concrete(damping) else None
+    value, grad, stats, finite = _solve(
+        model, family, solver, kind, num_samples, damped, params, x, y, damping, key
     )
+    check_outputs(finite)
+    return Solution(value, grad, stats)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _solve(model, family, solver, kind, num_samples, damped, params, x, y, damping, key):
+    """The traced part of :func:`natural_gradient` (compiled once per model and configuration)."""
+    prob = build_problem(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
+    prob = dataclasses.replace(prob, damped=damped)
     flat_sol, stats = solver.solve(prob, damping)
-    return Solution(prob.unravel(flat_sol), prob.unravel(prob.gradient()), stats)
+    finite = jnp.all(jnp.isfinite(prob.eta))
+    return prob.unravel(flat_sol), prob.unravel(prob.gradient()), stats, finite

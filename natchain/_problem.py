@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from natchain._checks import check_choice, check_finite, check_float_params
+from natchain._checks import check_choice, check_finite, check_float_params, is_concrete
 from natchain._families import AbstractFamily
 
 KINDS = ("true", "mc", "empirical")
@@ -80,6 +80,7 @@ class Problem:
     eta: jax.Array
     factor: jax.Array  # (N, m, r), 1/sqrt(N) folded in
     cotangent: jax.Array | None  # (N, m), 1/N folded in; None without targets
+    damped: bool | None = None  # damping > 0, when known before tracing (None: unknown)
 
     @property
     def num_params(self) -> int:
@@ -131,10 +132,15 @@ class Problem:
         return self.vjp(self.cotangent)
 
 
-def build_problem(
+def validate_inputs(
     model, params, x, family, *, y=None, kind="true", key=None, num_samples=1, need_y=True
-) -> Problem:
-    """Validate the inputs and gather the quantities every exact solver needs."""
+):
+    """Check everything that can be checked before solving; return the output's shape struct.
+
+    Shape and configuration errors raise at once (also under ``jit``); value checks
+    (non-finite parameters or inputs, labels outside the support) run on concrete values.
+    The model is only traced (``jax.eval_shape``), not run.
+    """
     check_family(family)
     check_choice(kind, KINDS, "kind")
     if not callable(model):
@@ -142,16 +148,33 @@ def build_problem(
     check_float_params(params)
     check_finite(params, "params")
     check_finite(x, "x")
-    if kind == "mc" and key is None:
-        raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
-    flat, unravel = ravel_pytree(params)
-    eta = model(params, x)
+    if kind == "mc":
+        if key is None:
+            raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
+    eta = jax.eval_shape(model, params, x)
     family.check_output(eta)
-    check_finite(eta, "model output")
     if (need_y or kind == "empirical") and y is None:
         raise ValueError("targets `y` are required here (the gradient or the empirical Fisher).")
     if y is not None:
         family.check_targets(y, eta)
+    return eta
+
+
+def build_problem(
+    model, params, x, family, *, y=None, kind="true", key=None, num_samples=1, need_y=True
+) -> Problem:
+    """Validate the inputs and gather the quantities every exact solver needs.
+
+    Non-finite model outputs are not raised here (they may be traced); callers check
+    ``problem.eta`` once the values are concrete (see :func:`check_outputs`).
+    """
+    validate_inputs(
+        model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples, need_y=need_y
+    )
+    flat, unravel = ravel_pytree(params)
+    eta = model(params, x)
     n = eta.shape[0]
     factor = output_factor(family, eta, kind, y=y, key=key, num_samples=num_samples)
     factor = factor / jnp.sqrt(jnp.asarray(n, eta.dtype))
@@ -159,3 +182,9 @@ def build_problem(
     if y is not None:
         cot = jax.vmap(jax.grad(family.nll))(eta, y) / n
     return Problem(model, x, family, kind, flat, unravel, eta, factor, cot)
+
+
+def check_outputs(eta_finite) -> None:
+    """Raise if a concrete "all model outputs finite" flag is False."""
+    if is_concrete(eta_finite) and not bool(eta_finite):
+        raise ValueError("model output contains non-finite values (NaN or inf).")

@@ -25,6 +25,14 @@ class AbstractSolver(abc.ABC):
     def solve(self, problem, damping) -> tuple[jnp.ndarray, dict]:
         """Return the flat natural gradient and a dict of statistics."""
 
+    # Solvers are configuration: hashable by their settings, so they can be static
+    # arguments of ``jax.jit``.
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"

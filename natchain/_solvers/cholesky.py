@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from natchain._checks import is_concrete
 from natchain._solvers._base import (
     DEFAULT_MAX_PARAMS,
     AbstractSolver,
@@ -30,7 +29,7 @@ class Cholesky(AbstractSolver):
         self.max_params = max_params
 
     def solve(self, problem, damping):
-        if is_concrete(damping) and float(damping) <= 0:
+        if problem.damped is False:
             raise ValueError(
                 "solver='cholesky' needs damping > 0 (F_theta is only positive semi-definite); "
                 "use solver='pinv' or 'gram' for the undamped minimum-norm solution."

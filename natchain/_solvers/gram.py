@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from natchain._checks import is_concrete
 from natchain._gram import factor_gram
 from natchain._solvers._base import AbstractSolver, default_rcond, eigh_pinv_apply
 
@@ -66,11 +65,11 @@ class Gram(AbstractSolver):
         self.factorization = factorization
 
     def _use_cholesky(self, problem, damping):
-        positive = is_concrete(damping) and float(damping) > 0
+        positive = problem.damped is True
         if self.factorization == "cholesky":
             if not problem.in_range:
                 raise ValueError("factorization='cholesky' is not available for kind='mc'.")
-            if is_concrete(damping) and not positive:
+            if problem.damped is False:
                 raise ValueError("factorization='cholesky' needs damping > 0.")
             return True
         return self.factorization == "auto" and positive and problem.in_range

@@ -1,0 +1,109 @@
+"""Shared test cases: small models, families and data (a case is a small dict, as curvlinops does).
+
+Every exact-route test draws from :data:`CASES`, so every solver is checked against the
+dense pseudo-inverse on the same problems.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import natchain as nc
+
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+
+
+def init_mlp(key, widths, bias=True, scale=1.0):
+    """Parameters of an MLP ``widths[0] → … → widths[-1]`` as a list of dicts."""
+    params = []
+    for k, (a, b) in zip(
+        jax.random.split(key, len(widths) - 1),
+        zip(widths[:-1], widths[1:], strict=True),
+        strict=True,
+    ):
+        kw, kb = jax.random.split(k)
+        layer = {"W": scale * jax.random.normal(kw, (a, b)) / np.sqrt(a)}
+        if bias:
+            layer["b"] = 0.1 * jax.random.normal(kb, (b,))
+        params.append(layer)
+    return params
+
+
+def make_mlp(activation="tanh"):
+    """A batched MLP ``model(params, x) -> eta`` (no activation after the last layer)."""
+    act = ACTIVATIONS[activation]
+
+    def model(params, x):
+        h = x
+        for i, layer in enumerate(params):
+            h = h @ layer["W"]
+            if "b" in layer:
+                h = h + layer["b"]
+            if i < len(params) - 1:
+                h = act(h)
+        return h
+
+    return model
+
+
+def family_and_width(name, k):
+    """A family and the model output width ``m`` that gives ``k`` 'units' of it."""
+    return {
+        "categorical": (nc.Categorical(), k),
+        "bernoulli": (nc.Bernoulli(), k),
+        "gaussian": (nc.Gaussian(scale=0.7), k),
+        "hetero": (nc.GaussianHetero(), 2 * k),
+        "poisson": (nc.Poisson(), k),
+    }[name]
+
+
+def sample_targets(family, eta, key):
+    return jax.vmap(family.sample)(jax.random.split(key, eta.shape[0]), eta)
+
+
+def make_case(family="categorical", widths=(3, 4), activation="tanh", batch=2, bias=True, seed=0):
+    """Build a case dict: ``model, params, x, y, family`` plus its description."""
+    key = jax.random.PRNGKey(seed)
+    kp, kx, ky = jax.random.split(key, 3)
+    fam, m = family_and_width(family, widths[-1])
+    widths = (*widths[:-1], m)
+    params = init_mlp(kp, widths, bias=bias)
+    model = make_mlp(activation)
+    x = jax.random.normal(kx, (batch, widths[0]))
+    y = sample_targets(fam, model(params, x), ky)
+    num_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+    return dict(
+        model=model,
+        params=params,
+        x=x,
+        y=y,
+        family=fam,
+        num_params=num_params,
+        nm=batch * m,
+        id=f"{family}-{'x'.join(map(str, widths))}-{activation}-N{batch}",
+    )
+
+
+# 1–3 layer MLPs, tanh and ReLU, every family, N·m < P and N·m > P.
+CASE_SPECS = [
+    dict(family="categorical", widths=(3, 5, 3), activation="tanh", batch=2),  # N·m < P
+    dict(family="categorical", widths=(2, 3), activation="tanh", batch=6),  # N·m > P
+    dict(family="bernoulli", widths=(3, 4, 4, 2), activation="relu", batch=3),
+    dict(family="gaussian", widths=(2, 2), activation="identity", batch=5),  # N·m > P
+    dict(family="gaussian", widths=(3, 6, 2), activation="relu", batch=4),
+    dict(family="hetero", widths=(2, 4, 1), activation="tanh", batch=3),
+    dict(family="poisson", widths=(3, 4, 2), activation="tanh", batch=8),  # N·m < P
+]
+CASES = [make_case(**spec, seed=i) for i, spec in enumerate(CASE_SPECS)]
+
+
+def flat(tree):
+    return jax.flatten_util.ravel_pytree(tree)[0]
+
+
+def rel_err(a, b):
+    """``‖a − b‖ / ‖b‖`` for pytrees or arrays."""
+    a, b = flat(a), flat(b)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-300))
