@@ -1,0 +1,234 @@
+"""Per-step cost of every natural-gradient route as a ratio to an SGD step timed in the same run.
+
+Model: a 784-128-10 tanh MLP (float32) on MNIST-shaped random inputs, categorical
+outputs. Each route is one jitted step (direction + parameter update); after warm-up
+the median of ``--reps`` calls is taken, and every route is divided by the SGD step
+(``value_and_grad`` + update) measured in the same process.
+
+Usage::
+
+    python benchmarks/bench.py                 # writes benchmarks/README.md and results.json
+    python benchmarks/bench.py --quick         # fewer repetitions, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import natchain as nc
+
+HERE = Path(__file__).resolve().parent
+LR = 0.1
+DAMPING = 1e-3
+CG_TOL = 1e-4
+CG_MAXITER = 100
+
+
+def init_mlp(key, widths=(784, 128, 10)):
+    params = []
+    for k, (a, b) in zip(
+        jax.random.split(key, len(widths) - 1),
+        zip(widths[:-1], widths[1:], strict=True),
+        strict=True,
+    ):
+        params.append(
+            {
+                "W": jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a),
+                "b": jnp.zeros(b, jnp.float32),
+            }
+        )
+    return params
+
+
+def mlp(params, x):
+    h = x
+    for i, layer in enumerate(params):
+        h = h @ layer["W"] + layer["b"]
+        if i < len(params) - 1:
+            h = jnp.tanh(h)
+    return h
+
+
+FAMILY = nc.Categorical()
+
+
+def _update(params, direction):
+    return jax.tree_util.tree_map(lambda p, d: p - LR * d, params, direction)
+
+
+def sgd_step():
+    loss = lambda p, x, y: jnp.mean(jax.vmap(FAMILY.nll)(mlp(p, x), y))
+
+    @jax.jit
+    def step(params, x, y):
+        val, g = jax.value_and_grad(loss)(params, x, y)
+        return _update(params, g), val, {}
+
+    return step
+
+
+def exact_step(solver, kind="true", num_samples=1, **opts):
+    @jax.jit
+    def step(params, x, y, key):
+        sol = nc.natural_gradient(
+            mlp,
+            params,
+            x,
+            y,
+            FAMILY,
+            solver=solver,
+            kind=kind,
+            damping=DAMPING,
+            key=key,
+            num_samples=num_samples,
+            **opts,
+        )
+        return _update(params, sol.value), None, sol.stats
+
+    return step
+
+
+def modular_step(granularity):
+    if not hasattr(nc, "grad"):
+        return None
+    fn = nc.grad(mlp, FAMILY, method="modular", granularity=granularity)
+
+    @jax.jit
+    def step(params, x, y):
+        return _update(params, fn(params, x, y)), None, {}
+
+    return step
+
+
+def routes():
+    cg = dict(tol=CG_TOL, maxiter=CG_MAXITER)
+    return {
+        "gram (true Fisher)": exact_step("gram"),
+        "cg (true Fisher)": exact_step("cg", **cg),
+        "cg (empirical Fisher)": exact_step("cg", kind="empirical", **cg),
+        "cg (MC Fisher, 1 sample)": exact_step("cg", kind="mc", num_samples=1, **cg),
+        "cg (MC Fisher, 5 samples)": exact_step("cg", kind="mc", num_samples=5, **cg),
+        "modular, layer granularity": modular_step("layer"),
+        "modular, primitive granularity": modular_step("primitive"),
+    }
+
+
+def time_call(fn, args, reps):
+    out = fn(*args)
+    jax.block_until_ready(out)  # compile and warm up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def run(batches, reps):
+    key = jax.random.PRNGKey(0)
+    params = init_mlp(key)
+    rows = []
+    for n in batches:
+        kx, ky, kk = jax.random.split(jax.random.fold_in(key, n), 3)
+        x = jax.random.normal(kx, (n, 784), jnp.float32)
+        y = jax.random.randint(ky, (n,), 0, 10)
+        t_sgd, _ = time_call(sgd_step(), (params, x, y), reps)
+        rows.append(dict(batch=n, route="SGD step", seconds=t_sgd, ratio=1.0, steps=None))
+        print(f"batch {n:4d}  SGD step {t_sgd * 1e3:8.3f} ms", flush=True)
+        for name, step in routes().items():
+            if step is None:
+                continue
+            args = (params, x, y, kk) if "modular" not in name else (params, x, y)
+            t, out = time_call(step, args, reps)
+            stats = out[2] or {}
+            steps = int(stats["num_steps"]) if "num_steps" in stats else None
+            rows.append(dict(batch=n, route=name, seconds=t, ratio=t / t_sgd, steps=steps))
+            extra = f"  ({steps} CG steps)" if steps is not None else ""
+            print(
+                f"batch {n:4d}  {name:32s} {t * 1e3:8.3f} ms  {t / t_sgd:7.1f}× SGD{extra}",
+                flush=True,
+            )
+    return rows
+
+
+def environment():
+    try:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    except Exception:  # pragma: no cover - informational only
+        jaxlib_version = "?"
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": jaxlib_version,
+        "numpy": np.__version__,
+        "natchain": nc.__version__,
+        "device": str(jax.devices()[0]),
+    }
+
+
+def write_readme(rows, env, reps):
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(r["route"] for r in rows))
+    cell = {(r["route"], r["batch"]): r for r in rows}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/bench.py` — do not edit by hand.",
+        "",
+        "Per-step time of each route as a ratio to a jitted SGD step (value-and-grad plus update)",
+        "timed in the same process: a 784-128-10 tanh MLP, float32, MNIST-shaped random inputs,",
+        f"categorical outputs; damping {DAMPING:g}; CG to relative residual {CG_TOL:g} (cap",
+        f"{CG_MAXITER} steps, steps taken in brackets); median of {reps} calls after warm-up.",
+        "",
+        "| route | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
+    for name in names:
+        cells = []
+        for b in batches:
+            r = cell.get((name, b))
+            if r is None:
+                cells.append("—")
+            elif name == "SGD step":
+                cells.append(f"{r['seconds'] * 1e3:.3f} ms")
+            else:
+                s = f" ({r['steps']})" if r["steps"] is not None else ""
+                cells.append(f"{r['ratio']:.1f}×{s}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
+    (HERE / "README.md").write_text("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 32, 128])
+    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--quick", action="store_true", help="5 repetitions, print only")
+    args = parser.parse_args(argv)
+    reps = 5 if args.quick else args.reps
+    rows = run(args.batches, reps)
+    if not args.quick:
+        env = environment()
+        (HERE / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        write_readme(rows, env, reps)
+
+
+if __name__ == "__main__":
+    main()
