@@ -55,16 +55,9 @@ def _find_sites(jaxpr, leaf_vars: dict, batch: int, path=(), uses=None, sites=No
             if len(eqn.invars[0].aval.shape) == 2:
                 alias[eqn.outvars[0]] = _Alias(ins[0].leaf, "transpose")
                 continue
-        if name == "broadcast_in_dim" and ins[0] is not None and ins[0].how == "leaf":
-            shape_in = eqn.invars[0].aval.shape
-            shape_out = eqn.outvars[0].aval.shape
-            if (
-                len(shape_in) == 1
-                and len(shape_out) == 2
-                and tuple(eqn.params["broadcast_dimensions"]) == (1,)
-            ):
-                alias[eqn.outvars[0]] = _Alias(ins[0].leaf, "bcast")
-                continue
+        if _is_row_broadcast(eqn, ins):
+            alias[eqn.outvars[0]] = _Alias(ins[0].leaf, "bcast")
+            continue
         for a in ins:
             if a is not None:
                 uses[a.leaf] = uses.get(a.leaf, 0) + 1
@@ -74,21 +67,41 @@ def _find_sites(jaxpr, leaf_vars: dict, batch: int, path=(), uses=None, sites=No
     return uses, sites
 
 
+def _is_row_broadcast(eqn, ins):
+    """A 1-D leaf made a row ``(1, o)`` or ``(N, o)`` by ``broadcast_in_dim`` or ``reshape``."""
+    if not ins or ins[0] is None or ins[0].how != "leaf":
+        return False
+    shape_in, shape_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    if len(shape_in) != 1 or len(shape_out) != 2 or shape_out[1] != shape_in[0]:
+        return False
+    name = eqn.primitive.name
+    if name == "broadcast_in_dim":
+        return tuple(eqn.params["broadcast_dimensions"]) == (1,)
+    return name == "reshape" and shape_out[0] == 1
+
+
 def _match_site(eqn, ins, batch):
     name = eqn.primitive.name
     out_shape = eqn.outvars[0].aval.shape
-    if len(out_shape) != 2 or out_shape[0] != batch:
-        return None
     if name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        w = ins[1]
-        if ins[0] is not None or w is None or w.how == "bcast" or lb or rb:
+        if lb or rb:
             return None
-        h_shape = eqn.invars[0].aval.shape
-        if len(h_shape) == 2 and tuple(lc) == (1,) and tuple(rc) in ((0,), (1,)):
-            return Site("matmul", w.leaf)
+        contract = (tuple(lc), tuple(rc))
+        for w_pos, kind in ((1, "matmul"), (0, "matmul_left")):
+            w, other = ins[w_pos], ins[1 - w_pos]
+            if w is None or w.how == "bcast" or other is not None:
+                continue
+            h_shape = eqn.invars[1 - w_pos].aval.shape
+            if (
+                len(h_shape) == 2
+                and h_shape[0] == batch
+                and contract[1 - w_pos] == (1,)
+                and contract[w_pos] in ((0,), (1,))
+            ):
+                return Site(kind, w.leaf)
         return None
-    if name == "add":
+    if name == "add" and len(out_shape) == 2 and out_shape[0] == batch:
         for a, other in ((ins[0], ins[1]), (ins[1], ins[0])):
             if a is not None and a.how == "bcast" and other is None:
                 return Site("bias", a.leaf)
@@ -128,8 +141,9 @@ def _run(jaxpr, consts, args, sites, taps, record, path=()):
             out = bind_eqn(eqn, invals)
             outs = out if eqn.primitive.multiple_results else [out]
             if key in sites:
-                if sites[key].kind == "matmul":
-                    record[key] = invals[0]
+                kind = sites[key].kind
+                if kind != "bias":
+                    record[key] = invals[0] if kind == "matmul" else invals[1]
                 outs = [outs[0] + taps[key]]
         for v, val in zip(eqn.outvars, outs, strict=True):
             env[v] = val
@@ -137,7 +151,9 @@ def _run(jaxpr, consts, args, sites, taps, record, path=()):
 
 
 def _site_gram(site, h, d):
-    """Contribution ``(N, r, N, r)`` of one site; ``d`` is ``(r, N, o)``."""
+    """Contribution ``(N, r, N, r)`` of one site; ``d`` is ``(r, N, o)`` (``(r, o, N)`` if left)."""
+    if site.kind == "matmul_left":
+        d = jnp.swapaxes(d, 1, 2)
     dd = jnp.einsum("aio,bjo->iajb", d, d)
     if site.kind == "bias":
         return dd

@@ -96,6 +96,36 @@ def test_gram_structure_covers_dense_layers():
     assert int(sol.stats["structured_params"]) == case["num_params"]
 
 
+def _vmapped_model(p, x):  # per-example code under vmap: W on the left of dot_general
+    layer = lambda xi: p["W2"] @ jnp.tanh(p["W1"] @ xi + p["b1"]) + p["b2"]
+    return jax.vmap(layer)(x)
+
+
+def _flax_style_model(p, x):  # kernel on the right, bias reshaped to a row
+    h = jax.lax.dot_general(x, p["kernel"], (((1,), (0,)), ((), ())))
+    return jnp.tanh(h + jnp.reshape(p["bias"], (1, -1))) @ p["out"]
+
+
+@pytest.mark.parametrize("model", [_vmapped_model, _flax_style_model], ids=["vmap", "flax"])
+def test_gram_structure_recognises_common_layer_styles(model):
+    """Per-example code under ``vmap`` and Flax-style layers are fully structured, and exact."""
+    k = jax.random.split(jax.random.PRNGKey(7), 4)
+    if model is _vmapped_model:
+        params = {"W1": jax.random.normal(k[0], (4, 3)), "b1": jnp.zeros(4)}
+        params |= {"W2": jax.random.normal(k[1], (3, 4)), "b2": jnp.ones(3)}
+    else:
+        params = {"kernel": jax.random.normal(k[0], (3, 4)), "bias": jnp.ones(4)}
+        params["out"] = jax.random.normal(k[1], (4, 3))
+    x = jax.random.normal(k[2], (5, 3))
+    y = jax.random.randint(k[3], (5,), 0, 3)
+    fam = nc.Categorical()
+    ref = nc.natural_gradient(model, params, x, y, fam, solver="pinv", damping=1e-3)
+    sol = nc.natural_gradient(model, params, x, y, fam, solver="gram", damping=1e-3)
+    assert rel_err(sol.value, ref.value) <= TOL
+    num = sum(a.size for a in jax.tree_util.tree_leaves(params))
+    assert int(sol.stats["structured_params"]) == num
+
+
 def test_gram_structure_falls_back_for_unrecognised_leaves():
     """A weight used twice (tied) and an elementwise scale fall back to their Jacobians."""
 

@@ -21,7 +21,12 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from natchain._gram import factor_gram
-from natchain._solvers._base import AbstractSolver, default_rcond, eigh_pinv_apply
+from natchain._solvers._base import (
+    AbstractSolver,
+    default_rcond,
+    eigh_pinv_apply,
+    relative_residual,
+)
 
 
 def _range_coefficients(problem):
@@ -90,7 +95,8 @@ class Gram(AbstractSolver):
             extra = problem.cotangent - jnp.einsum("nmr,nr->nm", ms, c.reshape(n, r))
         if self._use_cholesky(problem, damping):
             y = jsl.cho_solve(jsl.cho_factor(cmat + damping * eye, lower=True), c)
-            stats = {"finite": jnp.all(jnp.isfinite(y))}
+            res = relative_residual(lambda v: cmat @ v + damping * v, y, c)
+            stats = {"residual": res, "converged": jnp.isfinite(res)}
         else:
             y, stats = eigh_pinv_apply(cmat + damping * eye, c, rcond)
         u = jnp.einsum("nmr,nr->nm", ms, y.reshape(n, r))
