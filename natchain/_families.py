@@ -208,9 +208,18 @@ class Categorical(AbstractFamily):
         return jnp.diag(p) - jnp.outer(p, p)
 
     def fisher_sqrt(self, eta):
+        """A full-column-rank factor ``(m, m − 1)``: ``diag(√p) Q``.
+
+        ``Q`` holds the first ``m − 1`` columns of the Householder reflection that maps
+        ``√p`` to ``−e_m``: an orthonormal basis of ``√p⊥``. Since ``(diag(√p) − p√pᵀ)``
+        (a square factor) annihilates ``√p``, ``diag(√p) Q`` is the same factor with the
+        null direction removed, one column fewer for the Gram route to carry.
+        """
         p = jax.nn.softmax(eta)
         s = jnp.sqrt(p)
-        return jnp.diag(s) - jnp.outer(p, s)
+        v = s.at[-1].add(1.0)
+        q = jnp.eye(eta.shape[-1], dtype=eta.dtype) - jnp.outer(v, v) / v[-1]
+        return s[:, None] * q[:, :-1]
 
     def natural_cotangent(self, eta, g):
         p = jax.nn.softmax(eta)
