@@ -91,7 +91,6 @@ CASE_SPECS = [
     dict(family="categorical", widths=(3, 5, 3), activation="tanh", batch=2),  # N·m < P
     dict(family="categorical", widths=(2, 3), activation="tanh", batch=6),  # N·m > P
     dict(family="bernoulli", widths=(3, 4, 4, 2), activation="relu", batch=3),
-    dict(family="gaussian", widths=(2, 2), activation="identity", batch=5),  # N·m > P
     dict(family="gaussian", widths=(3, 6, 2), activation="relu", batch=4),
     dict(family="hetero", widths=(2, 4, 1), activation="tanh", batch=3),
     dict(family="poisson", widths=(3, 4, 2), activation="tanh", batch=8),  # N·m < P

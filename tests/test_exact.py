@@ -16,12 +16,14 @@ from cases import CASES, flat, make_case, rel_err
 import natchain as nc
 
 TOL = 1e-9
+# (solver, options, dampings it runs at): every route at every case; the variants that only
+# change how the Gram route gets its answer run where they differ from the default.
 SOLVER_ROWS = [
-    ("gram", {}),
-    ("gram", {"structured": False}),
-    ("gram", {"factorization": "eigh"}),
-    ("cg", {"tol": 1e-14, "maxiter": 2000}),
-    ("cholesky", {}),
+    ("gram", {}, (0.0, 1e-2)),
+    ("gram", {"structured": False}, (0.0,)),
+    ("gram", {"factorization": "eigh"}, (1e-2,)),
+    ("cg", {"tol": 1e-14, "maxiter": 2000}, (0.0, 1e-2)),
+    ("cholesky", {}, (1e-2,)),
 ]
 DAMPINGS = [0.0, 1e-2]
 
@@ -37,8 +39,8 @@ def test_solvers_agree_with_dense_pinv(case, damping):
     """Every solver row agrees with dense pinv to ≤ 1e-9 relative (float64)."""
     args = (case["model"], case["params"], case["x"], case["y"], case["family"])
     ref = nc.natural_gradient(*args, solver="pinv", damping=damping)
-    for solver, opts in SOLVER_ROWS:
-        if solver == "cholesky" and damping == 0.0:
+    for solver, opts, dampings in SOLVER_ROWS:
+        if damping not in dampings:
             continue
         sol = nc.natural_gradient(*args, solver=solver, damping=damping, **opts)
         assert rel_err(sol.value, ref.value) <= TOL, (solver, opts)
@@ -169,7 +171,7 @@ def test_single_full_row_rank_map_equals_pseudo_inverse_formula():
 @pytest.mark.parametrize("solver", ["pinv", "cholesky", "gram", "cg"])
 def test_solvers_jit_and_float32(solver):
     """Every solver is jit-able and runs in float32 (≤ 1e-3 relative to the float64 answer)."""
-    case = CASES[4]
+    case = CASES[3]
     model, fam = case["model"], case["family"]
     opts = {"tol": 1e-6, "maxiter": 500} if solver == "cg" else {}
 
