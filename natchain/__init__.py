@@ -3,6 +3,7 @@
 Public names are re-exported here; every other module is private.
 """
 
+from natchain import diagnostics
 from natchain._families import (
     AbstractFamily,
     Bernoulli,
@@ -11,6 +12,18 @@ from natchain._families import (
     GaussianHetero,
     Poisson,
 )
+from natchain._modular import (
+    LocalMap,
+    LocalStats,
+    MapRecord,
+    generic_rule,
+    grad,
+    layer,
+    modular_trace,
+    natural_vjp,
+    register_rule,
+    value_and_grad,
+)
 from natchain._natural_gradient import (
     Solution,
     fisher_matrix,
@@ -18,6 +31,7 @@ from natchain._natural_gradient import (
     make_solver,
     natural_gradient,
 )
+from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._solvers import CG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
 
@@ -33,13 +47,26 @@ __all__ = [
     "Gaussian",
     "GaussianHetero",
     "Gram",
+    "NaturalGradientState",
     "Pinv",
     "Poisson",
     "SOLVERS",
+    "LocalMap",
+    "LocalStats",
+    "MapRecord",
     "Solution",
+    "diagnostics",
     "fisher_matrix",
     "fisher_vp",
+    "generic_rule",
+    "grad",
+    "layer",
     "make_solver",
+    "modular_trace",
     "natural_gradient",
+    "natural_vjp",
     "output_factor",
+    "register_rule",
+    "scale_by_natural_gradient",
+    "value_and_grad",
 ]

@@ -1,0 +1,3 @@
+"""Natural rules, one file per family of primitives; importing this package registers them."""
+
+from natchain._modular._rules import elementwise, linear, structural  # noqa: F401
