@@ -1,0 +1,1 @@
+"""Empirical vs true Fisher on linear regression with a known optimum."""

@@ -1,0 +1,1 @@
+"""How the modular rule behaves near saturated activations, and what the cut-off does."""

@@ -1,0 +1,1 @@
+"""Training comparison: SGD, empirical/MC/exact natural gradient, modular natural gradient."""

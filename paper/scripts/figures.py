@@ -1,0 +1,246 @@
+"""Draw the paper's figures from ``results/`` (matplotlib, no experiment code imported).
+
+Writes into ``--out`` (default ``paper/figures``):
+
+- ``training_curves.pdf``: training loss against steps, mean over seeds with the min–max
+  band, per setting and method (a diverged run ends where it diverged);
+- ``fisher_field.pdf``: unit step directions of the gradient, the true-Fisher and the
+  empirical-Fisher natural gradient on a 1-D linear regression, optimum starred;
+- ``fisher_one_step.pdf``: distance to the optimum after one unit step, per direction;
+- ``saturation.pdf``: ``‖n_mod‖ / ‖n_exact‖`` against the first-layer weight scale, per cut-off;
+- ``agreement.pdf``: cosine of the modular and exact directions, one factor at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from generate import (  # noqa: E402
+    FISHER_METHODS,
+    PAPER,
+    ROOT,
+    SETTINGS,
+    TRAINING_METHODS,
+    WHISKERS,
+    load,
+)
+
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 6.5})
+
+
+def training_curves(results: Path, out: Path):
+    level, rows, runs = load(results, "training")
+    if level is None:
+        return None
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in runs.values())]
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 2.8), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    series = {}
+    for r in rows:
+        if r["metric"] == "train_loss":
+            series.setdefault(r["run"], []).append((r["step"], float(r["value"])))
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for j, method in enumerate(TRAINING_METHODS):
+            curves = [
+                sorted(series.get(rid, []))
+                for rid, info in sorted(runs.items())
+                if info["setting"] == setting and info["method"] == method
+            ]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = np.array([s for s, _ in curves[0][:length]])
+            vals = np.array([[v for _, v in c[:length]] for c in curves])
+            # A diverged run's last values are inf/nan or astronomically large: the curve
+            # stops there (the legend says it diverged).
+            vals = np.where(np.isfinite(vals) & (vals < 1e8), vals, np.nan)
+            diverged = any(
+                info["status"] == "diverged"
+                for info in runs.values()
+                if info["setting"] == setting and info["method"] == method
+            )
+            label = method + (" (diverged)" if diverged else "")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(vals, 0)
+            ax.plot(steps, mean, color=cmap(j), lw=1.2, label=label)
+            if len(curves) > 1:
+                with warnings.catch_warnings():  # all-nan columns after a divergence
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)
+                ax.fill_between(steps, lo, hi, color=cmap(j), alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_title(setting)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("training loss")
+    axes[0, 0].legend(loc="best")
+    fig.tight_layout()
+    path = out / "training_curves.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fisher_field(results: Path, out: Path):
+    for level in ("full", "quick"):
+        src = results / "fisher_kinds" / f"{level}_field.json"
+        if src.exists():
+            break
+    else:
+        return None
+    data = json.loads(src.read_text())
+    ws, bs = np.asarray(data["w"]), np.asarray(data["b"])
+    ww, bb = np.meshgrid(ws, bs, indexing="ij")
+    fig, axes = plt.subplots(1, 3, figsize=(7.0, 2.4), sharey=True)
+    for ax, method in zip(axes, ("gradient", "true-fisher", "empirical-fisher"), strict=True):
+        dirs = data["directions"][method]
+        d = np.asarray(dirs).reshape(len(ws), len(bs), 2)
+        nrm = np.linalg.norm(d, axis=-1, keepdims=True)
+        u = d / np.where(nrm > 0, nrm, 1)
+        ax.quiver(ww, bb, u[..., 0], u[..., 1], angles="xy", pivot="mid", width=0.005)
+        ax.plot(*data["optimum"], "r*", ms=9)
+        ax.set_title(method)
+        ax.set_xlabel("$w$")
+    axes[0].set_ylabel("$b$")
+    fig.tight_layout()
+    path = out / "fisher_field.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fisher_one_step(results: Path, out: Path):
+    level, rows, _ = load(results, "fisher_kinds")
+    if level is None:
+        return None
+    data = [
+        [float(r["value"]) for r in rows if r["method"] == m and r["metric"] == "relative_distance"]
+        for m in FISHER_METHODS
+    ]
+    fig, ax = plt.subplots(figsize=(4.2, 2.4))
+    floor = 1e-17
+    ax.boxplot([np.maximum(d, floor) for d in data], whis=WHISKERS, showfliers=False)
+    ax.set_xticks(range(1, len(FISHER_METHODS) + 1), FISHER_METHODS, rotation=25, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel(r"$\|\theta_1-\theta^\star\| / \|\theta_0-\theta^\star\|$")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out / "fisher_one_step.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def saturation(results: Path, out: Path):
+    level, rows, _ = load(results, "saturation")
+    if level is None:
+        return None
+    groups = {}
+    for r in rows:
+        if r["metric"] != "norm_ratio":
+            continue
+        rc, sc = r["setting"].split("|")
+        key = (r["method"], rc.split("=")[1])
+        groups.setdefault(key, {}).setdefault(float(sc.split("=")[1]), []).append(float(r["value"]))
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    for (method, rc), by_scale in sorted(groups.items()):
+        scales = sorted(by_scale)
+        ax.plot(
+            scales,
+            [np.median(by_scale[s]) for s in scales],
+            marker="o",
+            ms=3,
+            label=f"{method}, rcond={rc}",
+            ls="-" if method.endswith("layer") else "--",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="first-layer weight scale",
+        ylabel=r"$\|n_{\mathrm{mod}}\| / \|n_{\mathrm{exact}}\|$ (median)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5.5, ncol=2)
+    fig.tight_layout()
+    path = out / "saturation.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def agreement(results: Path, out: Path):
+    level, rows, _ = load(results, "agreement")
+    if level is None:
+        return None
+    factors = ("depth", "width", "batch", "activation", "family", "granularity")
+    present = [f for f in factors if any(r["setting"].startswith(f + "=") for r in rows)]
+    fig, axes = plt.subplots(
+        1, len(present), figsize=(1.2 * len(present) + 1.2 * 3, 2.4), squeeze=False, sharey=True
+    )
+    for ax, factor in zip(axes[0], present, strict=True):
+        values = sorted(
+            {r["setting"].split("=")[1] for r in rows if r["setting"].startswith(factor + "=")},
+            key=lambda v: (
+                not v.replace(".", "").isdigit(),
+                float(v) if v.replace(".", "").isdigit() else 0,
+                v,
+            ),
+        )
+        data = [
+            [
+                float(r["value"])
+                for r in rows
+                if r["setting"] == f"{factor}={v}" and r["metric"] == "cosine"
+            ]
+            for v in values
+        ]
+        ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
+        ax.set_xticks(range(1, len(values) + 1), values, rotation=40, fontsize=6)
+        ax.set_title(factor)
+        ax.set_ylim(-1.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("cosine(modular, exact)")
+    fig.tight_layout()
+    path = out / "agreement.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def placeholder(path: Path, what: str) -> Path:
+    """A figure that says its results are missing, so the paper still builds."""
+    fig, ax = plt.subplots(figsize=(4, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"no results yet for {what}", ha="center", va="center")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=PAPER / "figures")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for fn in (training_curves, fisher_field, fisher_one_step, saturation, agreement):
+        path = fn(args.results, args.out)
+        if path is None:
+            path = placeholder(args.out / f"{fn.__name__}.pdf", fn.__name__)
+            print(f"{path} (placeholder: no results yet)")
+        else:
+            print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""Generate the paper's tables and in-text numbers from ``results/``.
+
+Writes, into ``--out`` (default ``paper/generated``):
+
+- ``numbers.tex``: one ``\\newcommand`` per number quoted in the text;
+- ``training_table.tex``: final training loss, test metric and time per step ÷ SGD;
+- ``fisher_kinds_table.tex``: distance to the optimum after one unit step per Fisher kind;
+- ``census_table.tex``: the census's Markdown table as LaTeX, when ``results/census`` has one.
+
+Each experiment is read at its ``full`` level when that exists, else ``quick``. Output is
+deterministic (sorted keys, fixed formatting), so regenerating from committed results
+reproduces the committed files byte for byte (``tests/test_paper.py`` checks this).
+Only the standard library and numpy are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PAPER = HERE.parent
+ROOT = PAPER.parent
+
+TRAINING_METHODS = (
+    "sgd",
+    "ngd-empirical-cg",
+    "ngd-mc1-cg",
+    "ngd-mc5-cg",
+    "ngd-exact-gram",
+    "ngd-exact-cg",
+    "ngd-modular-layer",
+    "ngd-modular-primitive",
+)
+SETTINGS = ("digits", "mnist1d", "diabetes")
+#: Percentiles of the whiskers in the one-step box plot (figures.py), quoted in its caption.
+WHISKERS = (5, 95)
+FISHER_METHODS = (
+    "gradient",
+    "true-fisher",
+    "empirical-fisher",
+    "mc-fisher-1",
+    "mc-fisher-16",
+    "rank-one-mean-gradient",
+)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def load(results: Path, experiment: str):
+    """``(level, rows, runs)`` of an experiment at its ``full`` level, else ``quick``."""
+    for level in ("full", "quick"):
+        rows_path = results / experiment / f"{level}.jsonl"
+        runs_path = results / experiment / f"{level}.runs.jsonl"
+        if rows_path.exists() and runs_path.exists():
+            runs = {r["run"]: r for r in _read_jsonl(runs_path)}
+            rows = [r for r in _read_jsonl(rows_path) if r["run"] in runs]
+            return level, rows, runs
+    return None, [], {}
+
+
+def _value(v) -> float:
+    return float(v)  # non-finite values are stored as the strings "nan", "inf"
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for LaTeX text: ``0.0123``, ``95.8``, ``$7.5\\times10^{-16}$``, ``n/a``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if math.isinf(x):
+        return r"\ensuremath{\infty}"
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        mant, exp = f"{x:.{digits - 1}e}".split("e")
+        return rf"\ensuremath{{{mant}\times 10^{{{int(exp)}}}}}"
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
+def fmt_pm(values, scale=1.0, digits=3) -> str:
+    arr = np.asarray(values, dtype=float) * scale
+    if arr.size == 0:
+        return "--"
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        return f"diverged ({bad}/{arr.size})"
+    if arr.size == 1:
+        return fmt(float(arr[0]), digits)
+    return rf"{fmt(float(arr.mean()), digits)} $\pm$ {fmt(float(arr.std()), digits - 1)}"
+
+
+def macro_name(*parts: str) -> str:
+    """``Num`` + CamelCase of the parts, digits spelled out (LaTeX names take letters only)."""
+    words = {
+        "0": "Zero",
+        "1": "One",
+        "2": "Two",
+        "3": "Three",
+        "4": "Four",
+        "5": "Five",
+        "6": "Six",
+        "7": "Seven",
+        "8": "Eight",
+        "9": "Nine",
+    }
+    out = "Num"
+    for part in parts:
+        for tok in re.split(r"[^A-Za-z0-9]+", part):
+            tok = "".join(words.get(c, c) for c in tok)
+            out += tok[:1].upper() + tok[1:]
+    return out
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def training_summary(rows, runs):
+    """Per ``(setting, method)``: per-seed final train loss, test metric, ratio and status."""
+    final = {}
+    for r in rows:
+        key = (r["run"], r["metric"])
+        if r["metric"] == "step_time_s" or key not in final or r["step"] >= final[key][0]:
+            final[key] = (r["step"], _value(r["value"]))
+    out = {}
+    for rid, info in sorted(runs.items()):
+        get = lambda m, rid=rid: final.get((rid, m), (None, float("nan")))[1]  # noqa: E731
+        sgd = f"sgd|{info['setting']}|{info['seed']}"
+        ratio = get("step_time_s") / final.get((sgd, "step_time_s"), (None, float("nan")))[1]
+        test = get("test_accuracy") if (rid, "test_accuracy") in final else get("test_mse")
+        e = out.setdefault(
+            (info["setting"], info["method"]),
+            {"train_loss": [], "test": [], "ratio": [], "status": []},
+        )
+        e["train_loss"].append(get("train_loss") if info["status"] == "ok" else float("nan"))
+        e["test"].append(test if info["status"] == "ok" else float("nan"))
+        e["ratio"].append(ratio)
+        e["status"].append(info["status"])
+    return out
+
+
+def training_table(summary) -> str:
+    lines = [
+        r"\begin{tabular}{llccc}",
+        r"\toprule",
+        r"setting & method & final train loss & test metric & time/step $\div$ SGD \\",
+        r"\midrule",
+    ]
+    for setting in SETTINGS:
+        present = [m for m in TRAINING_METHODS if (setting, m) in summary]
+        for i, method in enumerate(present):
+            e = summary[(setting, method)]
+            scale = 100.0 if setting != "diabetes" else 1.0
+            ratio = np.asarray(e["ratio"], dtype=float)
+            ratio_s = fmt(float(np.nanmean(ratio)), 2) if np.any(np.isfinite(ratio)) else "--"
+            name = setting if i == 0 else ""
+            lines.append(
+                rf"{name} & \texttt{{{method}}} & {fmt_pm(e['train_loss'])} & "
+                rf"{fmt_pm(e['test'], scale)} & {ratio_s} \\"
+            )
+        if present:
+            lines.append(r"\midrule")
+    if lines[-1] == r"\midrule":
+        lines[-1] = r"\bottomrule"
+    else:
+        lines.append(r"\bottomrule")
+    lines.append(r"\end{tabular}")
+    return "\n".join(lines) + "\n"
+
+
+def training_numbers(level, summary, runs) -> dict:
+    seeds = sorted({r["seed"] for r in runs.values()})
+    nums = {macro_name("training", "seeds"): str(len(seeds))}
+    steps = sorted({r["config"].get("steps") for r in runs.values() if r.get("config")})
+    nums[macro_name("training", "steps")] = str(steps[-1]) if steps else "n/a"
+    nums[macro_name("training", "level")] = level or "none"
+    for method in TRAINING_METHODS:  # the values chosen on digits (the full sweep)
+        lrs = sorted(
+            {
+                r["config"]["learning_rate"]
+                for r in runs.values()
+                if r["method"] == method and r["setting"] == "digits" and r.get("config")
+            }
+        )
+        lams = sorted(
+            {
+                r["config"]["damping"]
+                for r in runs.values()
+                if r["method"] == method
+                and r["setting"] == "digits"
+                and r.get("config")
+                and r["config"].get("damping")
+            }
+        )
+        nums[macro_name("training", "lr", method)] = fmt(lrs[0], 2) if len(lrs) == 1 else "n/a"
+        nums[macro_name("training", "damping", method)] = (
+            fmt(lams[0], 2) if len(lams) == 1 else "n/a"
+        )
+    for setting in SETTINGS:
+        scale = 100.0 if setting != "diabetes" else 1.0
+        for method in TRAINING_METHODS:
+            key = ("training", setting, method)
+            e = summary.get((setting, method))
+            if e is None:
+                for what in ("test", "loss", "ratio", "diverged"):
+                    nums[macro_name(*key, what)] = "n/a"
+                continue
+            test = np.asarray(e["test"], dtype=float) * scale
+            loss = np.asarray(e["train_loss"], dtype=float)
+            ratio = np.asarray(e["ratio"], dtype=float)
+            nums[macro_name(*key, "test")] = fmt(float(np.mean(test)))
+            nums[macro_name(*key, "loss")] = fmt(float(np.mean(loss)))
+            finite = np.any(np.isfinite(ratio))
+            nums[macro_name(*key, "ratio")] = fmt(float(np.nanmean(ratio)), 2) if finite else "n/a"
+            nums[macro_name(*key, "diverged")] = str(e["status"].count("diverged"))
+    return nums
+
+
+# ---- empirical vs true Fisher ----------------------------------------------------------------
+
+
+def fisher_summary(rows):
+    out = {}
+    for m in FISHER_METHODS:
+        d = [
+            _value(r["value"])
+            for r in rows
+            if r["method"] == m and r["metric"] == "relative_distance"
+        ]
+        c = [
+            _value(r["value"])
+            for r in rows
+            if r["method"] == m and r["metric"] == "cosine_to_optimum"
+        ]
+        if d:
+            out[m] = {
+                "median": float(np.median(d)),
+                "q90": float(np.quantile(d, 0.9)),
+                "max": float(np.max(d)),
+                "cos": float(np.median(c)),
+                "count": len(d),
+            }
+    return out
+
+
+def fisher_table(summary) -> str:
+    lines = [
+        r"\begin{tabular}{lccc}",
+        r"\toprule",
+        r"direction & median $\|\theta_1-\theta^\star\|/\|\theta_0-\theta^\star\|$ & "
+        r"90th percentile & median cosine \\",
+        r"\midrule",
+    ]
+    for m, e in summary.items():
+        lines.append(rf"\texttt{{{m}}} & {fmt(e['median'])} & {fmt(e['q90'])} & {fmt(e['cos'])} \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def fisher_numbers(summary, runs) -> dict:
+    seeds = sorted({r["seed"] for r in runs.values()})
+    nums = {macro_name("fisher", "seeds"): str(len(seeds))}
+    nums[macro_name("fisher", "steps")] = str(summary.get("true-fisher", {}).get("count", 0))
+    for m in FISHER_METHODS:
+        e = summary.get(m, {})
+        nums[macro_name("fisher", m, "median")] = fmt(e.get("median", float("nan")), 2)
+        nums[macro_name("fisher", m, "max")] = fmt(e.get("max", float("nan")), 2)
+        nums[macro_name("fisher", m, "cos")] = fmt(e.get("cos", float("nan")), 3)
+    return nums
+
+
+# ---- saturation ---------------------------------------------------------------------------------
+
+
+def _scale_of(setting):
+    return float(setting.split("|")[1].split("=")[1])
+
+
+def _rcond_of(setting):
+    return setting.split("|")[0].split("=")[1]
+
+
+def saturation_summary(rows):
+    """``{(method, rcond, scale): {metric: [values]}}``."""
+    out = {}
+    for r in rows:
+        key = (r["method"], _rcond_of(r["setting"]), _scale_of(r["setting"]))
+        out.setdefault(key, {}).setdefault(r["metric"], []).append(_value(r["value"]))
+    return out
+
+
+def saturation_table(summary, method="modular-layer") -> str:
+    keys = [k for k in summary if k[0] == method]
+    rconds = sorted({k[1] for k in keys}, key=lambda r: -1.0 if r == "default" else float(r))
+    scales = sorted({k[2] for k in keys})
+    if not keys:
+        return "% no saturation results\n"
+    lines = [
+        rf"\begin{{tabular}}{{l{'c' * len(scales)}}}",
+        r"\toprule",
+        r"cut-off & " + " & ".join(f"scale {fmt(s, 2)}" for s in scales) + r" \\",
+        r"\midrule",
+    ]
+    for rc in rconds:
+        cells = []
+        for sc in scales:
+            v = summary.get((method, rc, sc), {}).get("norm_ratio", [])
+            cells.append(fmt(float(np.median(v)), 2) if v else "--")
+        lines.append(rf"\texttt{{{rc}}} & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def saturation_numbers(summary, runs) -> dict:
+    nums = {}
+    method = "modular-layer"
+    scales = sorted({k[2] for k in summary if k[0] == method})
+    top = scales[-1] if scales else None
+    nums[macro_name("saturation", "seeds")] = str(len({r["seed"] for r in runs.values()}))
+    nums[macro_name("saturation", "top", "scale")] = fmt(top, 2) if top else "n/a"
+    for rc, rc_label in (
+        ("0", "no cut"),
+        ("default", "default"),
+        ("0.001", "milli"),
+        ("0.1", "tenth"),
+    ):
+        for sc, label in ((1.0, "unit"), (top, "top")):
+            v = summary.get((method, rc, sc), {}).get("norm_ratio", [])
+            name = macro_name("saturation", "ratio", rc_label, label)
+            nums[name] = fmt(float(np.median(v)), 2) if v else "n/a"
+    nums[macro_name("saturation", "milli", "rcond")] = fmt(1e-3, 1)
+    nums[macro_name("saturation", "milli", "rcond")] = fmt(1e-3, 1)
+    sat = summary.get((method, "0", top), {}).get("saturated_fraction", []) if top else []
+    nums[macro_name("saturation", "top", "saturated")] = (
+        fmt(100 * float(np.mean(sat)), 2) if sat else "n/a"
+    )
+    fin = [v for k, d in summary.items() for v in d.get("finite", [])]
+    nums[macro_name("saturation", "finite", "percent")] = (
+        fmt(100 * float(np.mean(fin)), 3) if fin else "n/a"
+    )
+    return nums
+
+
+# ---- agreement -----------------------------------------------------------------------------------
+
+
+def agreement_summary(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["setting"], {}).setdefault(r["metric"], []).append(_value(r["value"]))
+    return out
+
+
+AGREE = 1e-6
+
+
+def agreement_table(summary) -> str:
+    if not summary:
+        return "% no agreement results\n"
+    lines = [
+        r"\begin{tabular}{lcccc}",
+        r"\toprule",
+        r"point & median cosine & median function-space error & agree & exact by theorem \\",
+        r"\midrule",
+    ]
+    for setting in sorted(summary, key=_agreement_order):
+        d = summary[setting]
+        agree = 100 * float(np.mean(np.asarray(d["relative_error"]) <= AGREE))
+        lines.append(
+            rf"\texttt{{{setting}}} & {fmt(float(np.median(d['cosine'])), 2)} & "
+            rf"{fmt(float(np.median(d['function_error'])), 2)} & {fmt(agree, 3)}\% & "
+            rf"{fmt(100 * float(np.mean(d['verdict_exact'])), 3)}\% \\"
+        )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+_FACTORS = ("depth", "width", "batch", "activation", "family", "granularity")
+
+
+def _agreement_order(setting):
+    factor, value = setting.split("=")
+    num = float(value) if value.replace(".", "").isdigit() else 0.0
+    return (_FACTORS.index(factor) if factor in _FACTORS else 99, num, value)
+
+
+def agreement_numbers(summary, runs) -> dict:
+    nums = {macro_name("agreement", "seeds"): str(len({r["seed"] for r in runs.values()}))}
+    nums[macro_name("agreement", "threshold")] = fmt(AGREE, 1)
+    nums[macro_name("agreement", "points")] = str(len(summary))
+    for setting in (
+        "depth=1",
+        "depth=2",
+        "depth=4",
+        "batch=1",
+        "batch=8",
+        "batch=16",
+        "activation=identity",
+        "granularity=primitive",
+        "family=gaussian",
+        "family=bernoulli",
+        "family=poisson",
+        "family=categorical",
+    ):
+        d = summary.get(setting, {})
+        key = setting.replace("=", " ")
+        cos = d.get("cosine", [])
+        nums[macro_name("agreement", key, "cos")] = fmt(float(np.median(cos)), 2) if cos else "n/a"
+        fe = d.get("function_error", [])
+        nums[macro_name("agreement", key, "ferr")] = fmt(float(np.median(fe)), 2) if fe else "n/a"
+        rel = d.get("relative_error", [])
+        nums[macro_name("agreement", key, "agree")] = (
+            fmt(100 * float(np.mean(np.asarray(rel) <= AGREE)), 3) if rel else "n/a"
+        )
+    nums[macro_name("agreement", "threshold")] = fmt(AGREE, 1)
+    verdicts = [v for d in summary.values() for v in d.get("verdict_exact", [])]
+    nums[macro_name("agreement", "verdict", "exact", "count")] = str(int(sum(verdicts)))
+    nums[macro_name("agreement", "total")] = str(len(verdicts))
+    return nums
+
+
+# ---- census ---------------------------------------------------------------------------------
+
+
+_UNICODE = {
+    "‖": r"\ensuremath{\|}",
+    "≤": r"\ensuremath{\le}",
+    "≥": r"\ensuremath{\ge}",
+    "·": r"\ensuremath{\cdot}",
+    "×": r"\ensuremath{\times}",
+    "θ": r"\ensuremath{\theta}",
+    "λ": r"\ensuremath{\lambda}",
+    "η": r"\ensuremath{\eta}",
+    "σ": r"\ensuremath{\sigma}",
+    "ℓ": r"\ensuremath{\ell}",
+    "ᵀ": r"\ensuremath{^\top}",
+    "⁺": r"\ensuremath{^+}",
+    "²": r"\ensuremath{^2}",
+    "→": r"\ensuremath{\to}",
+    "⇔": r"\ensuremath{\Leftrightarrow}",
+    "⊆": r"\ensuremath{\subseteq}",
+    "−": "-",
+    "—": "---",
+    "–": "--",
+    "…": r"\ldots{}",
+}
+
+
+def _tex_escape(s: str) -> str:
+    s = s.replace("\\", r"\textbackslash{}")
+    for a, b in (("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("$", r"\$")):
+        s = s.replace(a, b)
+    s = s.replace("`", "").replace("*", "")
+    return "".join(_UNICODE.get(c, c if ord(c) < 128 else "?") for c in s)
+
+
+def census_table(results: Path) -> str | None:
+    """The census's first Markdown pipe table as a LaTeX tabular, if the census has run.
+
+    Reads ``results/census/census.md`` (full level), else ``census.quick.md``.
+    """
+    folder = results / "census"
+    for name in ("census.md", "census.quick.md"):
+        path = folder / name
+        if not path.exists():
+            continue
+        block, blocks = [], []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip().startswith("|"):
+                block.append(line)
+            elif block:
+                blocks.append(block)
+                block = []
+        if block:
+            blocks.append(block)
+        for block in blocks:
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block]
+            rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
+            if len(rows) < 2:
+                continue
+            ncol = len(rows[0])
+            out = [
+                r"\resizebox{\linewidth}{!}{%",
+                rf"\begin{{tabular}}{{{'l' * ncol}}}",
+                r"\toprule",
+            ]
+            out.append(" & ".join(_tex_escape(c) for c in rows[0]) + r" \\")
+            out.append(r"\midrule")
+            for r in rows[1:]:
+                out.append(" & ".join(_tex_escape(c) for c in (r + [""] * ncol)[:ncol]) + r" \\")
+            out += [r"\bottomrule", r"\end{tabular}}"]
+            return "\n".join(out) + "\n"
+    return None
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def generate(results: Path, out: Path) -> list[Path]:
+    """Write every generated file into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def write(name, text):
+        path = out / name
+        path.write_text(text)
+        written.append(path)
+
+    header = "% Generated by paper/scripts/generate.py from results/. Do not edit.\n"
+    level, rows, runs = load(results, "training")
+    tsum = training_summary(rows, runs)
+    write("training_table.tex", header + training_table(tsum))
+    nums = training_numbers(level, tsum, runs)
+
+    flevel, frows, fruns = load(results, "fisher_kinds")
+    fsum = fisher_summary(frows)
+    write("fisher_kinds_table.tex", header + fisher_table(fsum))
+    nums.update(fisher_numbers(fsum, fruns))
+
+    _, srows, sruns = load(results, "saturation")
+    ssum = saturation_summary(srows)
+    write("saturation_table.tex", header + saturation_table(ssum))
+    nums.update(saturation_numbers(ssum, sruns))
+
+    _, arows, aruns = load(results, "agreement")
+    asum = agreement_summary(arows)
+    write("agreement_table.tex", header + agreement_table(asum))
+    nums.update(agreement_numbers(asum, aruns))
+
+    census = census_table(results)
+    if census is not None:
+        write("census_table.tex", header + census)
+    nums[macro_name("figure", "whisker", "low")] = str(WHISKERS[0])
+    nums[macro_name("figure", "whisker", "high")] = str(WHISKERS[1])
+    nums[macro_name("census", "present")] = "yes" if census is not None else "no"
+
+    body = "".join(rf"\newcommand{{\{k}}}{{{v}}}" + "\n" for k, v in sorted(nums.items()))
+    write("numbers.tex", header + body)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=PAPER / "generated")
+    args = parser.parse_args(argv)
+    for path in generate(args.results, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
