@@ -99,6 +99,17 @@ def exact_step(solver, kind="true", num_samples=1, **opts):
     return step
 
 
+def fvp_step():
+    """One true-Fisher-vector product (applied to the gradient), for CG's per-step cost."""
+
+    @jax.jit
+    def step(params, x, y, key):
+        fvp = nc.fisher_vp(mlp, params, x, FAMILY)
+        return fvp(params), None, {}
+
+    return step
+
+
 def modular_step(granularity):
     if not hasattr(nc, "grad"):
         return None
@@ -114,6 +125,7 @@ def modular_step(granularity):
 def routes():
     cg = dict(tol=CG_TOL, maxiter=CG_MAXITER)
     return {
+        "one Fisher-vector product": fvp_step(),
         "gram (true Fisher)": exact_step("gram"),
         "cg (true Fisher)": exact_step("cg", **cg),
         "cg (empirical Fisher)": exact_step("cg", kind="empirical", **cg),
@@ -196,6 +208,10 @@ def write_readme(rows, env, reps):
         "timed in the same process: a 784-128-10 tanh MLP, float32, MNIST-shaped random inputs,",
         f"categorical outputs; damping {DAMPING:g}; CG to relative residual {CG_TOL:g} (cap",
         f"{CG_MAXITER} steps, steps taken in brackets); median of {reps} calls after warm-up.",
+        "One CG step costs one Fisher-vector product (its own row) plus vector updates; a CG",
+        "route far above steps × that row spends its time in the loop itself (CG runs in an",
+        "XLA while loop, whose body XLA's CPU backend can run much slower than the same",
+        "operations outside a loop).",
         "",
         "| route | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---:|" * len(batches),

@@ -46,9 +46,12 @@ def main():
         for solver, opts in [("pinv", {}), ("cholesky", {}), ("gram", {}), ("cg", {"tol": 1e-12})]:
             if solver == "cholesky" and damping == 0:
                 continue
-            run = lambda: nc.natural_gradient(
-                mlp, params, x, y, fam, solver=solver, damping=damping, **opts
-            )
+
+            def run(solver=solver, damping=damping, opts=opts):
+                return nc.natural_gradient(
+                    mlp, params, x, y, fam, solver=solver, damping=damping, **opts
+                )
+
             jax.block_until_ready(run())  # compile once
             t0 = time.perf_counter()
             sol = jax.block_until_ready(run())
