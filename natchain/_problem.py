@@ -95,15 +95,28 @@ class Problem:
         """Whether ``b`` lies in the range of ``F_blk`` by construction (true, empirical)."""
         return self.kind in ("true", "empirical")
 
+    @property
+    def params(self):
+        """The parameters as the model takes them (a pytree)."""
+        return self.unravel(self.flat)
+
     def f(self, flat):
         """Model outputs as a function of the flat parameter vector."""
         return self.model(self.unravel(flat), self.x)
 
+    def f_tree(self, params):
+        """Model outputs as a function of the parameter pytree."""
+        return self.model(params, self.x)
+
+    def ravel(self, tree):
+        """A pytree shaped like the parameters as one flat vector (``ravel_pytree`` order)."""
+        return ravel_pytree(tree)[0]
+
     def jvp(self, v):
-        return jax.jvp(self.f, (self.flat,), (v,))[1]
+        return jax.jvp(self.f_tree, (self.params,), (self.unravel(v),))[1]
 
     def vjp(self, u):
-        return jax.vjp(self.f, self.flat)[1](u)[0]
+        return self.ravel(jax.vjp(self.f_tree, self.params)[1](u)[0])
 
     def jacobian(self):
         """Materialised Jacobian ``(N, m, P)`` — reverse or forward mode, whichever is cheaper."""

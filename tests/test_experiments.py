@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # ``experiments`` is a top-level folder of the repository, not part of the installed package.
@@ -113,3 +114,15 @@ def test_experiments_agreement_smoke(tmp_path):
     rel = {r["setting"]: float(r["value"]) for r in rows if r["metric"] == "relative_error"}
     assert rel["depth=1"] < 1e-8  # one dense layer: the rule is exact
     assert rel["depth=2"] > 1e-3  # parameters at two layers: it is not
+
+
+@needs
+def test_experiments_cost_smoke(tmp_path, capsys):
+    store = _run("cost", tmp_path)
+    runs = store.runs.values()
+    assert runs and all(r["status"] == "ok" for r in runs)
+    ratios = [float(r["value"]) for r in store.rows() if r["metric"] == "ratio"]
+    assert ratios and all(np.isfinite(ratios)) and min(ratios) > 0
+    out = capsys.readouterr().out
+    assert "slope in N" in out
+    assert (tmp_path / "cost" / "smoke_scaling.png").stat().st_size > 0

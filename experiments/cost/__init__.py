@@ -1,0 +1,1 @@
+"""How each route's per-step cost grows with batch size and width (ratios to SGD)."""
