@@ -27,8 +27,11 @@ from natchain._jaxpr import bind_eqn, call_subjaxpr, is_literal, trace_params
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    kind: str  # "matmul" or "bias"
+    kind: str  # "matmul", "matmul_left" or "bias"
     leaf: int
+    bias: int | None = None  # a bias leaf folded into this matmul site (same cotangent)
+    out: object = None  # the site equation's output variable
+    arg: object = None  # bias sites: the variable the bias is added to
 
 
 @dataclasses.dataclass
@@ -63,7 +66,7 @@ def _find_sites(jaxpr, leaf_vars: dict, batch: int, path=(), uses=None, sites=No
                 uses[a.leaf] = uses.get(a.leaf, 0) + 1
         site = _match_site(eqn, ins, batch)
         if site is not None:
-            sites[key] = site
+            sites[key] = dataclasses.replace(site, out=eqn.outvars[0])
     return uses, sites
 
 
@@ -102,18 +105,45 @@ def _match_site(eqn, ins, batch):
                 return Site(kind, w.leaf)
         return None
     if name == "add" and len(out_shape) == 2 and out_shape[0] == batch:
-        for a, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+        for pos in (0, 1):
+            a, other = ins[pos], ins[1 - pos]
             if a is not None and a.how == "bcast" and other is None:
-                return Site("bias", a.leaf)
+                return Site("bias", a.leaf, arg=eqn.invars[1 - pos])
     return None
 
 
+def _var_uses(jaxpr, counts):
+    """Count how often each variable is read (equation inputs and outputs of the jaxpr)."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not is_literal(v):
+                counts[v] = counts.get(v, 0) + 1
+        sub = call_subjaxpr(eqn)
+        if sub is not None:
+            _var_uses(sub.jaxpr, counts)
+    for v in jaxpr.outvars:
+        if not is_literal(v):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def analyse(model, params, x, batch: int):
-    """Return ``(closed_jaxpr, sites)`` with only the sites whose leaf has that single use."""
+    """Return ``(closed_jaxpr, sites)`` with only the sites whose leaf has that single use.
+
+    A bias added straight to a ``h @ W`` output read nowhere else shares that output's
+    cotangent, so it is folded into the matmul site: one Gram product for both leaves.
+    """
     closed, leaves, _, _ = trace_params(model, params, x)
     leaf_vars = {v: _Alias(i, "leaf") for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}
     uses, sites = _find_sites(closed.jaxpr, leaf_vars, batch)
     sites = {k: s for k, s in sites.items() if uses.get(s.leaf, 0) == 1}
+    reads = _var_uses(closed.jaxpr, {})
+    matmul_by_out = {s.out: k for k, s in sites.items() if s.kind == "matmul"}
+    for key, site in list(sites.items()):
+        target = matmul_by_out.get(site.arg) if site.kind == "bias" else None
+        if target is not None and reads.get(site.arg, 0) == 1:
+            sites[target] = dataclasses.replace(sites[target], bias=site.leaf)
+            del sites[key]
     return closed, sites
 
 
@@ -151,14 +181,18 @@ def _run(jaxpr, consts, args, sites, taps, record, path=()):
 
 
 def _site_gram(site, h, d):
-    """Contribution ``(N, r, N, r)`` of one site; ``d`` is ``(r, N, o)`` (``(r, o, N)`` if left)."""
+    """Contribution ``(N·r, N·r)`` of one site; ``d`` is ``(r, N, o)`` (``(r, o, N)`` if left)."""
     if site.kind == "matmul_left":
         d = jnp.swapaxes(d, 1, 2)
-    dd = jnp.einsum("aio,bjo->iajb", d, d)
+    r, n = d.shape[:2]
+    dm = jnp.swapaxes(d, 0, 1).reshape(n * r, -1)
+    gram = dm @ dm.T
     if site.kind == "bias":
-        return dd
-    hh = h @ h.T
-    return dd * hh[:, None, :, None]
+        return gram
+    weight = h @ h.T
+    if site.bias is not None:
+        weight = weight + 1.0
+    return gram * jnp.repeat(jnp.repeat(weight, r, axis=0), r, axis=1)
 
 
 def factor_gram(problem, structured="auto"):
@@ -192,15 +226,15 @@ def factor_gram(problem, structured="auto"):
 
     _, vjp_fn, hs = jax.vjp(f_taps, taps0, has_aux=True)
     ds = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(ms, 2, 0))
-    cmat = jnp.zeros((n, r, n, r), problem.eta.dtype)
+    cmat = jnp.zeros((n * r, n * r), problem.eta.dtype)
     for key, site in sites.items():
         cmat = cmat + _site_gram(site, hs.get(key), ds[key])
-    covered = {s.leaf for s in sites.values()}
+    covered = {s.leaf for s in sites.values()} | {s.bias for s in sites.values()} - {None}
     rest = [i for i in range(len(leaves)) if i not in covered]
     if rest:
-        cmat = cmat + _fallback_gram(problem, leaves, treedef, rest)
+        cmat = cmat + _fallback_gram(problem, leaves, treedef, rest).reshape(n * r, n * r)
     n_struct = sum(int(leaves[i].size) for i in covered)
-    return cmat.reshape(n * r, n * r), {"structured_params": jnp.asarray(n_struct)}
+    return cmat, {"structured_params": jnp.asarray(n_struct)}
 
 
 def _site_shapes(jaxpr, sites):
