@@ -104,6 +104,9 @@ def plot(rows, lvl, path):
                     xs, np.array(ts) * 1e3, marker="o", label=f"{route} (slope {slope(xs, ts):.2f})"
                 )
         ax.set(xscale="log", yscale="log", xlabel=vary, ylabel="ms per step")
+        ticks = lvl["batches"] if vary == "batch" else lvl["widths"]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_title(f"{fixed_name} = {fixed}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
