@@ -120,4 +120,5 @@ def test_paper_figures_build_from_results(tmp_path):
         "fisher_one_step.pdf",
         "saturation.pdf",
         "agreement.pdf",
+        "cost.pdf",
     }

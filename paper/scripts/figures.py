@@ -8,7 +8,8 @@ Writes into ``--out`` (default ``paper/figures``):
   empirical-Fisher natural gradient on a 1-D linear regression, optimum starred;
 - ``fisher_one_step.pdf``: distance to the optimum after one unit step, per direction;
 - ``saturation.pdf``: ``‖n_mod‖ / ‖n_exact‖`` against the first-layer weight scale, per cut-off;
-- ``agreement.pdf``: cosine of the modular and exact directions, one factor at a time.
+- ``agreement.pdf``: cosine of the modular and exact directions, one factor at a time;
+- ``cost.pdf``: time per step against batch size, per route, with the fitted log–log slope.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from generate import (  # noqa: E402
+    COST_ROUTES,
+    COST_WIDTH,
     FISHER_METHODS,
     PAPER,
     ROOT,
     SETTINGS,
     TRAINING_METHODS,
     WHISKERS,
+    cost_points,
+    cost_slope,
     load,
 )
 
@@ -217,6 +222,37 @@ def agreement(results: Path, out: Path):
     return path
 
 
+def cost(results: Path, out: Path):
+    level, rows, _ = load(results, "cost")
+    if level is None:
+        return None
+    secs = cost_points(rows)
+    sgd = cost_points(rows, "sgd_seconds").get(COST_ROUTES[0][0], [])
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    for route, _ in COST_ROUTES:
+        pts = secs.get(route, [])
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            label = f"{route} (slope {cost_slope(pts):.2f})"
+            ax.plot(xs, np.array(ys) * 1e3, marker="o", ms=3, label=label)
+    if sgd:
+        xs, ys = zip(*sgd, strict=True)
+        label = f"SGD step (slope {cost_slope(sgd):.2f})"
+        ax.plot(xs, np.array(ys) * 1e3, marker="o", ms=3, color="k", ls="--", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step")
+    ticks = sorted({b for pts in secs.values() for b, _ in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_title(f"tanh MLP, hidden width {COST_WIDTH}, float32, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "cost.pdf"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def placeholder(path: Path, what: str) -> Path:
     """A figure that says its results are missing, so the paper still builds."""
     fig, ax = plt.subplots(figsize=(4, 1.2))
@@ -233,7 +269,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=PAPER / "figures")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for fn in (training_curves, fisher_field, fisher_one_step, saturation, agreement):
+    for fn in (training_curves, fisher_field, fisher_one_step, saturation, agreement, cost):
         path = fn(args.results, args.out)
         if path is None:
             path = placeholder(args.out / f"{fn.__name__}.pdf", fn.__name__)

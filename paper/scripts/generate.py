@@ -506,6 +506,52 @@ def census_table(results: Path) -> str | None:
     return None
 
 
+# ---- cost ---------------------------------------------------------------------------------------
+
+#: Routes of the cost experiment quoted in the text: (route name in results, macro label).
+COST_ROUTES = (
+    ("gram (true Fisher)", "gram"),
+    ("cg (true Fisher)", "cg"),
+    ("modular, layer granularity", "modular"),
+)
+COST_WIDTH = 128
+COST_BATCHES = (32, 128)
+
+
+def cost_points(rows, metric="seconds", width=COST_WIDTH):
+    """``{route: [(batch, value), ...]}`` at the given width, sorted by batch."""
+    pts = {}
+    for r in rows:
+        if r["metric"] != metric:
+            continue
+        s = dict(kv.split("=") for kv in r["setting"].split("|"))
+        if int(s["width"]) == width:
+            pts.setdefault(r["method"], []).append((int(s["batch"]), _value(r["value"])))
+    return {k: sorted(v) for k, v in pts.items()}
+
+
+def cost_slope(points) -> float:
+    """Least-squares slope of log time against log batch size."""
+    if len(points) < 2:
+        return float("nan")
+    xs, ys = zip(*points, strict=True)
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def cost_numbers(rows) -> dict:
+    secs, ratios = cost_points(rows), cost_points(rows, "ratio")
+    nums = {macro_name("cost", "width"): str(COST_WIDTH)}
+    for route, label in COST_ROUTES:
+        nums[macro_name("cost", label, "slope")] = fmt(cost_slope(secs.get(route, [])), 2)
+        by_batch = dict(ratios.get(route, []))
+        for b in COST_BATCHES:
+            v = by_batch.get(b)
+            nums[macro_name("cost", label, "ratio", str(b))] = fmt(v, 2) if v else "n/a"
+    for b in COST_BATCHES:
+        nums[macro_name("cost", "batch", str(b))] = str(b)
+    return nums
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -539,6 +585,9 @@ def generate(results: Path, out: Path) -> list[Path]:
     asum = agreement_summary(arows)
     write("agreement_table.tex", header + agreement_table(asum))
     nums.update(agreement_numbers(asum, aruns))
+
+    _, crows, _ = load(results, "cost")
+    nums.update(cost_numbers(crows))
 
     census = census_table(results)
     if census is not None:
