@@ -6,6 +6,8 @@ dense pseudo-inverse on the same problems.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,13 @@ def init_mlp(key, widths, bias=True, scale=1.0):
     return params
 
 
+@functools.cache
 def make_mlp(activation="tanh"):
-    """A batched MLP ``model(params, x) -> eta`` (no activation after the last layer)."""
+    """A batched MLP ``model(params, x) -> eta`` (no activation after the last layer).
+
+    Cached per activation, so every model with that activation is the same Python function
+    and JAX's caches keyed on it are reused.
+    """
     act = ACTIVATIONS[activation]
 
     def model(params, x):
@@ -45,6 +52,7 @@ def make_mlp(activation="tanh"):
                 h = act(h)
         return h
 
+    model.__name__ = f"mlp_{activation}"
     return model
 
 

@@ -20,11 +20,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cases import ACTIVATIONS, make_mlp  # noqa: F401  (re-exported for the tests)
 from hypothesis import strategies as st
 
 import natchain as nc
 
-ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
 #: Hidden widths between input and output: depth 1, 2, 3 and 4 dense layers.
 WIDTHS = ((), (4,), (6,), (5, 2), (2, 5), (4, 1, 4))
 INPUT_WIDTHS = (2, 3)
@@ -46,29 +46,6 @@ def make_family(name: str, **options):
     if name == "poisson":
         return nc.Poisson(), 2
     raise ValueError(f"unknown family name {name!r}")
-
-
-@functools.cache
-def make_mlp(activation: str):
-    """``model(params, x)``: dense layers ``h @ W + b`` with ``activation`` between them.
-
-    Cached per activation, so every generated model with that activation is the same
-    Python function (JAX's caches keyed on it are reused).
-    """
-    act = ACTIVATIONS[activation]
-
-    def model(params, x):
-        h = x
-        for i, layer in enumerate(params):
-            h = h @ layer["W"]
-            if "b" in layer:
-                h = h + layer["b"]
-            if i < len(params) - 1:
-                h = act(h)
-        return h
-
-    model.__name__ = f"mlp_{activation}"
-    return model
 
 
 def make_weight(rng: np.random.Generator, d_in: int, d_out: int, mode: str) -> np.ndarray:
