@@ -178,6 +178,30 @@ class ResultStore:
         _atomic_write(self.runs_path, [json.dumps(r, sort_keys=True) for r in self.runs.values()])
 
 
+def record_measurement(store, method, setting, seed, measure, *, config):
+    """Run ``measure() -> {metric: value}`` once and record it as one run (step 0).
+
+    An exception is recorded as the run's ``error`` status with its message, never
+    hidden, and the experiment goes on; the run's wall time is recorded either way.
+    """
+    t0 = time.perf_counter()
+    try:
+        rows = [{"step": 0, "metric": k, "value": v} for k, v in measure().items()]
+        status, note = "ok", ""
+    except Exception as err:  # recorded, not hidden
+        rows, status, note = [], "error", f"{type(err).__name__}: {err}"[:500]
+    store.record(
+        method,
+        setting,
+        seed,
+        rows,
+        config=config,
+        status=status,
+        note=note,
+        wall_s=time.perf_counter() - t0,
+    )
+
+
 class Progress:
     """A progress line on stderr (``tqdm`` when it is installed, else a plain ``\\r`` line).
 

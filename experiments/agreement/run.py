@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import natchain as nc
-from experiments._results import RESULTS, Progress, ResultStore
+from experiments._results import RESULTS, Progress, ResultStore, record_measurement
 from experiments.agreement import config
 
 EXPERIMENT = "agreement"
@@ -160,22 +159,13 @@ def main(level="quick", seeds=None, root=None, fresh=False, verbose=True):
             bar.update(1)
             if store.done(method, f"{factor}={value}", seed):
                 continue
-            t0 = time.perf_counter()
-            try:
-                vals = measure(cfg, seed)
-                rows = [{"step": 0, "metric": k, "value": v} for k, v in vals.items()]
-                status, note = "ok", ""
-            except Exception as err:  # recorded, not hidden
-                rows, status, note = [], "error", f"{type(err).__name__}: {err}"[:500]
-            store.record(
+            record_measurement(
+                store,
                 method,
                 f"{factor}={value}",
                 seed,
-                rows,
+                lambda cfg=cfg, seed=seed: measure(cfg, seed),
                 config=cfg,
-                status=status,
-                note=note,
-                wall_s=time.perf_counter() - t0,
             )
     bar.close()
     base = (root if root is not None else RESULTS) / EXPERIMENT

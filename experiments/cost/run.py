@@ -8,14 +8,12 @@ batch size and against width.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import bench
-from experiments._results import RESULTS, Progress, ResultStore
+from experiments._results import RESULTS, Progress, ResultStore, record_measurement
 from experiments.cost import config
 
 EXPERIMENT = "cost"
@@ -128,28 +126,13 @@ def main(level="quick", seeds=None, root=None, fresh=False, verbose=True):
             setting = f"batch={batch}|width={width}"
             if store.done(route, setting, 0):
                 continue
-            t0 = time.perf_counter()
             cfg = {"batch": batch, "width": width, "reps": lvl["reps"], "route": route}
-            try:
+
+            def run(route=route, batch=batch, width=width):
                 t, t_sgd = measure(route, batch, width, lvl["reps"])
-                rows = [
-                    {"step": 0, "metric": "seconds", "value": t},
-                    {"step": 0, "metric": "sgd_seconds", "value": t_sgd},
-                    {"step": 0, "metric": "ratio", "value": t / t_sgd},
-                ]
-                status, note = "ok", ""
-            except Exception as err:  # recorded, not hidden
-                rows, status, note = [], "error", f"{type(err).__name__}: {err}"[:500]
-            store.record(
-                route,
-                setting,
-                0,
-                rows,
-                config=cfg,
-                status=status,
-                note=note,
-                wall_s=time.perf_counter() - t0,
-            )
+                return {"seconds": t, "sgd_seconds": t_sgd, "ratio": t / t_sgd}
+
+            record_measurement(store, route, setting, 0, run, config=cfg)
     bar.close()
     base = (root if root is not None else RESULTS) / EXPERIMENT
     rows = store.rows()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import natchain as nc
-from experiments._results import RESULTS, Progress, ResultStore
+from experiments._results import RESULTS, Progress, ResultStore, record_measurement
 from experiments.saturation import config
 
 EXPERIMENT = "saturation"
@@ -177,7 +176,6 @@ def main(level="quick", seeds=None, root=None, fresh=False, verbose=True):
             bar.update(1)
             if store.done(method, setting, seed):
                 continue
-            t0 = time.perf_counter()
             params, x, y = problem(seed)
             cfg = {
                 "model": config.MODEL,
@@ -185,22 +183,11 @@ def main(level="quick", seeds=None, root=None, fresh=False, verbose=True):
                 "rcond": rcond,
                 "granularity": granularity,
             }
-            try:
-                vals = measure(scaled(params, scale), x, y, granularity, rcond)
-                rows = [{"step": 0, "metric": k, "value": v} for k, v in vals.items()]
-                status, note = "ok", ""
-            except Exception as err:  # recorded, not hidden
-                rows, status, note = [], "error", f"{type(err).__name__}: {err}"[:500]
-            store.record(
-                method,
-                setting,
-                seed,
-                rows,
-                config=cfg,
-                status=status,
-                note=note,
-                wall_s=time.perf_counter() - t0,
-            )
+
+            def run(params=params, x=x, y=y, scale=scale, granularity=granularity, rcond=rcond):
+                return measure(scaled(params, scale), x, y, granularity, rcond)
+
+            record_measurement(store, method, setting, seed, run, config=cfg)
     bar.close()
     base = (root if root is not None else RESULTS) / EXPERIMENT
     rows = store.rows()
