@@ -3,7 +3,7 @@
 For a weight ``W`` used once as ``a = h @ W`` (or ``h @ Wᵀ``) with per-example rows
 ``h_i``, the rows of ``Mᵀ J`` restricted to ``W`` are rank one, ``h_i ⊗ D̃_{i,a}`` with
 ``D̃_{i,a} = ∂⟨M_i[:, a], eta_i⟩ / ∂a_i``, so their Gram is ``(h_i·h_j)(D̃_{i,a}·D̃_{j,b})``.
-A bias ``b`` added once to such an output contributes ``D̃_{i,a}·D̃_{j,b}``. DESIGN §2 gives
+A bias ``b`` added once to such an output contributes ``D̃_{i,a}·D̃_{j,b}``. docs/theory.md §2 gives
 the same identity for ``K`` itself; contracting with ``M`` first makes the backward
 passes one per factor column ``r`` instead of one per output coordinate.
 
@@ -12,7 +12,7 @@ is a parameter leaf, possibly transposed; an ``add`` of a broadcast 1-D leaf). A
 used any other way, or more than once, falls back to its materialised per-example
 Jacobian. The ``D̃`` are cotangents of zero "taps" added to the recognised outputs; one
 batched backward pass gives them for every example at once, which assumes the model
-treats examples independently (no batch statistics), as DESIGN §1's ``f(theta, x_i)`` does.
+treats examples independently (no batch statistics), as docs/theory.md §1's ``f(theta, x_i)`` does.
 """
 
 from __future__ import annotations

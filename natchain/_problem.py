@@ -8,7 +8,7 @@ Everything the exact solvers need is gathered here once, in flattened parameter 
   ``F_blk = blockdiag(M_i M_iᵀ)`` — the ``1/N`` batch mean is folded into ``M``;
 - the output cotangent ``b = ∂L/∂eta`` (``(N, m)``, ``1/N`` inside) so that ``g = Jᵀ b``.
 
-Fisher kinds (DESIGN §2): ``true`` uses the family's closed-form factor; ``mc`` uses
+Fisher kinds (docs/theory.md §2): ``true`` uses the family's closed-form factor; ``mc`` uses
 ``S`` score vectors at targets sampled from the model's own distribution;
 ``empirical`` uses the score at the observed target.
 """

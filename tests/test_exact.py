@@ -151,7 +151,10 @@ def test_gram_structure_falls_back_for_unrecognised_leaves():
 
 
 def test_single_full_row_rank_map_equals_pseudo_inverse_formula():
-    """DESIGN §3, first fact: ``J`` full row rank, ``F_eta`` invertible ⇒ ``F⁺g = J⁺ F_blk⁻¹ b``."""
+    """docs/theory.md §3, first fact.
+
+    ``J`` full row rank, ``F_eta`` invertible ⇒ ``F⁺g = J⁺ F_blk⁻¹ b``.
+    """
     key = jax.random.PRNGKey(5)
     x = jax.random.normal(key, (2, 4))
     params = {"W": jax.random.normal(jax.random.PRNGKey(6), (4, 3))}  # P = 12 ≥ N·m = 6

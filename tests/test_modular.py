@@ -1,6 +1,6 @@
 """The natural chain rule (``natchain.grad``, ``natural_vjp``, ``modular_trace``).
 
-Float64 throughout. Exactness claims (DESIGN §3) are checked to 1e-10 relative against the
+Float64 throughout. Exactness claims (docs/theory.md §3) are checked to 1e-10 relative against the
 dense pseudo-inverse (``natural_gradient(..., solver="pinv")``); the claims that the rule
 *differs* from exact are pinned with the measured numbers.
 """
@@ -190,7 +190,7 @@ def test_grad_dense_layer_primitive_bias_resplits():
     assert _rel(prim, {"W": n_w, "b": n_b}) <= 1e-10
 
 
-# ---- deeper models: the rule differs from exact, as DESIGN §3 predicts ------------------
+# ---- deeper models: the rule differs from exact, as docs/theory.md §3 predicts ------------------
 
 
 def test_grad_two_layer_tanh_mlp_differs_from_exact():

@@ -1,4 +1,4 @@
-"""The natural chain rule: natural cotangents pulled back map by map (DESIGN §3)."""
+"""The natural chain rule: natural cotangents pulled back map by map (docs/theory.md §3)."""
 
 from natchain._modular._api import (
     MapRecord,

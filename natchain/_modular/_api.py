@@ -291,7 +291,7 @@ def grad(
     ``n_eta,i = F_eta⁺ ∇_eta nll_i`` — the family's ``natural_cotangent`` for the true Fisher;
     for ``Categorical`` its ``representative`` (``"min_norm"``, ``"ratio"``, ``"pin_last"``)
     picks one of the solutions, and **the choice changes the modular result** — and sends
-    it back through the model map by map, ``n_z = J⁺ n_y`` (DESIGN §3). It equals the exact
+    it back through the model map by map, ``n_z = J⁺ n_y`` (docs/theory.md §3). It equals the exact
     natural gradient only where the reverse-order law holds (e.g. one dense layer with an
     invertible output Fisher and ``N·m ≤ P``); elsewhere it differs, by design.
 

@@ -2,7 +2,7 @@
 
 A natural rule sends the natural cotangent ``n_y`` of a map's output to ``J⁺ n_y``, the
 minimum-norm change of the map's *differentiated* inputs that produces ``n_y`` to first
-order (DESIGN §3). Singular values ``s ≤ rcond · s_max`` of the local Jacobian ``J`` are
+order (docs/theory.md §3). Singular values ``s ≤ rcond · s_max`` of the local Jacobian ``J`` are
 treated as zero (the cut-off); every rule reports the rank it kept, how many singular values
 it cut and the condition number of what it kept.
 

@@ -168,8 +168,8 @@ class Chain:
         env = {}
 
         def read(v):
-            if is_literal(v):
-                return None, v.val
+            if is_literal(v):  # a constant of its own, so nested calls can bind it by id
+                return self.new(v.val, False), v.val
             i = env[v]
             return i, self.values[i]
 
@@ -183,7 +183,7 @@ class Chain:
             out_ids = self._eqn(eqn, key, list(ids), list(vals))
             for v, i in zip(eqn.outvars, out_ids, strict=True):
                 env[v] = i
-        return [read(v)[0] if not is_literal(v) else self.new(v.val, False) for v in jaxpr.outvars]
+        return [read(v)[0] for v in jaxpr.outvars]
 
     def _eqn(self, eqn, key, ids, vals):
         name = eqn.primitive.name

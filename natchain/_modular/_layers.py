@@ -5,7 +5,7 @@
   the one given (or the pseudo-inverse of its local Jacobian).
 - :func:`dense_rule` is the closed form for a recognised dense layer ``Y = H W + b`` over a
   batch, jointly w.r.t. ``(H, W, b)`` — or ``(W, b)`` when ``H`` is data:
-  ``J Jᵀ = I_N ⊗ WᵀW + (H Hᵀ + 11ᵀ) ⊗ I_m`` (DESIGN §3), solved through the eigenvalues of
+  ``J Jᵀ = I_N ⊗ WᵀW + (H Hᵀ + 11ᵀ) ⊗ I_m`` (docs/theory.md §3), solved through the eigenvalues of
   the two small factors (``N × N`` and ``m × m``), never the ``N·m`` system itself.
 """
 

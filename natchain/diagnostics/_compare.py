@@ -283,7 +283,7 @@ def compare(
     """Compare natural-gradient directions pairwise, in parameter, function and Fisher space.
 
     Every difference is measured three ways, because only the last two are invariant to
-    the gauge of the parametrisation (DESIGN §3): ``‖a − b‖``, ``‖J (a − b)‖`` and
+    the gauge of the parametrisation (docs/theory.md §3): ``‖a − b‖``, ``‖J (a − b)‖`` and
     ``√((a − b)ᵀ F_theta (a − b))``. Each direction is also summarised by the first-order
     loss decrease ``gᵀ n`` and second-order KL ``½ nᵀ F_theta n`` of the unit step
     ``theta ← theta − n``, and flagged as a descent direction when ``gᵀ n > 0``.

@@ -1,7 +1,7 @@
 """``rank_report``: which rank conditions hold map by map, and whether a theorem makes the
 modular natural gradient exact.
 
-The modular rule (DESIGN §3) sends ``n_z = J_h⁺ n_y`` back through every map. The report
+The modular rule (docs/theory.md §3) sends ``n_z = J_h⁺ n_y`` back through every map. The report
 reads the maps from ``natchain.modular_trace`` (backward order, output first; each with
 its dense local Jacobian w.r.t. its differentiated inputs only) and checks the hypotheses
 of these theorems:

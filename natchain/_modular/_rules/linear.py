@@ -2,7 +2,7 @@
 
 After moving batch, free and contracted dimensions into place, ``Y_b = A_b B_b`` and
 ``J Jᵀ U = U Q + P U`` with ``P = A Aᵀ`` (if ``B`` is differentiated) and ``Q = BᵀB`` (if
-``A`` is): the Kronecker sum of DESIGN §3's dense layer without bias. With ``A`` data
+``A`` is): the Kronecker sum of docs/theory.md §3's dense layer without bias. With ``A`` data
 (``x @ W``) it reduces to ``n_W = Aᵀ (A Aᵀ)⁺ n``: the batch is one map, the weight shared
 by its rows is pseudo-inverted jointly.
 """

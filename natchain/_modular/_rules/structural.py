@@ -2,7 +2,7 @@
 
 - ``reshape``, ``transpose``, ``squeeze``, ``rev`` permute entries: ``J⁺ = Jᵀ``.
 - ``broadcast_in_dim`` replicates (the duplication map ``x ↦ (x, …, x)``): ``Jᵀ J`` is
-  diagonal and ``J⁺`` *averages* the copies' natural cotangents (DESIGN §3, fan-out).
+  diagonal and ``J⁺`` *averages* the copies' natural cotangents (docs/theory.md §3, fan-out).
 - ``reduce_sum`` (``J Jᵀ = G I``) spreads ``n`` evenly over the ``G`` summed entries;
   ``reduce_max``/``reduce_min`` send it to the selected entry; ``slice`` and
   ``concatenate`` select entries. All have ``J Jᵀ`` diagonal.
