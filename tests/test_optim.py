@@ -297,7 +297,8 @@ def test_scale_by_natural_gradient_flax_linen_module():
     class MLP(fnn.Module):
         @fnn.compact
         def __call__(self, x):
-            return fnn.Dense(3)(jnp.tanh(fnn.Dense(6)(x)))
+            hidden = fnn.Dense(6)(x)  # named Dense_0: modules are named in creation order
+            return fnn.Dense(3)(jnp.tanh(hidden))
 
     _, plain, x, y = _classification()
     net = MLP()
