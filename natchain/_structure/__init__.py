@@ -37,4 +37,4 @@ __all__ = [
 ]
 
 # The patterns, one module each; importing a module registers its pattern.
-from natchain._structure import dense, scale, shift  # noqa: E402, F401
+from natchain._structure import conv, dense, scale, shift  # noqa: E402, F401

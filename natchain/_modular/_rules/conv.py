@@ -50,7 +50,7 @@ def _bind(params, lhs, rhs):
     return lax.conv_general_dilated_p.bind(lhs, rhs, **params)
 
 
-def _specs(params):
+def specs(params):
     dn = params["dimension_numbers"]
     return tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)
 
@@ -63,20 +63,26 @@ def _too_large(what, sizes, limit, name):
     )
 
 
-def _to_canonical(y, out_spec):
+def to_canonical(y, out_spec):
     """Output array -> ``(N, O, P)``."""
     t = jnp.transpose(y, out_spec)
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def _from_canonical(u, shape, out_spec):
+def from_canonical(u, shape, out_spec):
     tshape = tuple(shape[d] for d in out_spec)
     return jnp.transpose(u.reshape(tshape), np.argsort(out_spec))
 
 
-def _patch_grams(params, x, w_shape, dtype):
-    """``G_j = Π_j Π_jᵀ`` per feature group: ``(g, N·P, N·P)``."""
-    _, rhs_spec, out_spec = _specs(params)
+def patches(params, x, w_shape, dtype):
+    """The patch matrices ``Π_j`` of the input per feature group: ``(g, N, P, taps)``.
+
+    Row ``(n, p)`` of ``Π_j`` is the derivative of output position ``p`` of example ``n`` (any
+    output feature of group ``j``) w.r.t. the group's kernel taps: a forward-mode Jacobian
+    of the convolution with one output feature per group, so strides, padding, dilations
+    and dimension numbers are the equation's own.
+    """
+    _, rhs_spec, out_spec = specs(params)
     g = params["feature_group_count"]
     w1_shape = list(w_shape)
     w1_shape[rhs_spec[0]] = g  # one output feature per group
@@ -90,17 +96,25 @@ def _patch_grams(params, x, w_shape, dtype):
     n, p = jac.shape[0], int(np.prod(jac.shape[2:od]))
     jac = jac.reshape(n, g, p, g, -1)
     ar = np.arange(g)
-    pj = jac[:, ar, :, ar, :].reshape(g, n * p, -1)  # (g, N·P, taps)
-    return jnp.einsum("gac,gbc->gab", pj, pj)
+    return jac[:, ar, :, ar, :]  # advanced indices first: (g, N, P, taps)
+
+
+def _patch_grams(params, x, w_shape, dtype, bias=False):
+    """``G_j = Π_j Π_jᵀ`` per feature group, ``(g, N·P, N·P)``; ``+ 11ᵀ`` with a bias."""
+    pj = patches(params, x, w_shape, dtype)
+    g = pj.shape[0]
+    pj = pj.reshape(g, -1, pj.shape[-1])
+    grams = jnp.einsum("gac,gbc->gab", pj, pj)
+    return grams + 1.0 if bias else grams
 
 
 def _example_block(params, x, w, dtype):
     """``A = J₁ J₁ᵀ`` (``O·P × O·P``): the input Jacobian of one example, the same for all."""
-    lhs_spec, _, out_spec = _specs(params)
+    lhs_spec, _, out_spec = specs(params)
     x1 = lax.slice_in_dim(x, 0, 1, axis=lhs_spec[0])
 
     def conv1(a):
-        return _to_canonical(_bind(params, a, w), out_spec).reshape(-1)
+        return to_canonical(_bind(params, a, w), out_spec).reshape(-1)
 
     out_size = int(np.prod(jax.eval_shape(conv1, x1).shape))
     jac_fn = jax.jacrev if out_size < x1.size else jax.jacfwd
@@ -198,18 +212,23 @@ def _guarded_generic(local, n_out, why):
     return generic_rule(local, n_out)
 
 
-def conv_rule(local, n_out):
-    """Natural rule of ``conv_general_dilated`` w.r.t. its differentiated input and/or kernel."""
+def conv_solve(local, x, w, dx, dw, n, bias=False):
+    """``(J Jᵀ)⁺ n`` in the canonical output layout ``(N, O, P)``, with its statistics.
+
+    Args:
+        local: the map (for sizes, the cut-off and the fallback's error message).
+        x, w: the convolution's input and kernel (in the equation's layouts).
+        dx, dw: whether each is differentiated.
+        n: ``(N, O, P)`` natural cotangent of the output.
+        bias: whether a per-output-feature bias is differentiated too (layer granularity):
+            it adds ``11ᵀ`` to every patch Gram matrix.
+
+    Returns:
+        ``(u, stats)`` with ``J⁺ n = Jᵀ u``.
+    """
     params = local.params
-    if params["batch_group_count"] != 1:
-        return _guarded_generic(local, n_out, "batch_group_count > 1")
-    x, w = local.primals
-    dx, dw = local.diff
-    _, rhs_spec, out_spec = _specs(params)
     g = params["feature_group_count"]
-    (y,) = local.outputs
-    dtype = jnp.result_type(x, w, y)
-    n = _to_canonical(n_out[0].astype(dtype), out_spec)
+    dtype = n.dtype
     nb, o, p = n.shape
     n_min = min(local.out_size, local.in_size)
     rcond = local.rcond
@@ -228,35 +247,51 @@ def conv_rule(local, n_out):
             "BLOCK_LIMIT",
         )
     xd, wd = x.astype(dtype), w.astype(dtype)
-    grams = _patch_grams(params, xd, w.shape, dtype) if dw else None
+    grams = _patch_grams(params, xd, w.shape, dtype, bias) if dw else None
     a = _example_block(params, xd, wd, dtype) if dx else None
     if not dx:  # kernel only
         u, stats = sylvester_pinv(grams, None, _group_view(n, g), rcond, n_min)
-        u = _ungroup(u, nb, o, p)
-    elif not dw:  # input only
+        return _ungroup(u, nb, o, p), stats
+    if not dw:  # input only
         cols = n.reshape(1, nb, o * p).swapaxes(1, 2)
         u, stats = sylvester_pinv(a[None], None, cols, rcond, n_min)
-        u = u.swapaxes(1, 2).reshape(nb, o, p)
-    elif nb * o * p <= DENSE_LIMIT:
+        return u.swapaxes(1, 2).reshape(nb, o, p), stats
+    if nb * o * p <= DENSE_LIMIT:
         k = _joint_dense(a, grams, n, g)
         u, stats = sylvester_pinv(k[None], None, n.reshape(1, -1, 1), rcond, n_min)
-        u = u.reshape(nb, o, p)
-    else:
-        if local.out_size > local.in_size:
-            raise ValueError(
-                f"conv_general_dilated: the iterative natural rule needs a Jacobian of full row "
-                f"rank, impossible with {local.out_size} outputs and {local.in_size} "
-                f"differentiated inputs (above DENSE_LIMIT = {DENSE_LIMIT} outputs for the "
-                "dense solve)."
-            )
-        u, converged = _joint_cg(a, grams, n, g)
-        cond = jnp.where(converged, jnp.nan, jnp.inf).astype(dtype)
-        stats = LocalStats(jnp.asarray(local.out_size), jnp.asarray(n_min - local.out_size), cond)
+        return u.reshape(nb, o, p), stats
+    if local.out_size > local.in_size:
+        raise ValueError(
+            f"conv_general_dilated: the iterative natural rule needs a Jacobian of full row "
+            f"rank, impossible with {local.out_size} outputs and {local.in_size} "
+            f"differentiated inputs (above DENSE_LIMIT = {DENSE_LIMIT} outputs for the "
+            "dense solve)."
+        )
+    u, converged = _joint_cg(a, grams, n, g)
+    cond = jnp.where(converged, jnp.nan, jnp.inf).astype(dtype)
+    return u, LocalStats(jnp.asarray(local.out_size), jnp.asarray(n_min - local.out_size), cond)
+
+
+def pullback(local, u):
+    """``Jᵀ u`` for the map's differentiated inputs (one VJP of ``local.fn``)."""
     diff_in = local.diff_primals
     _, lin = jax.linearize(lambda *d: local.fn(*d)[0], *diff_in)
     lin_t = jax.linear_transpose(lin, *diff_in)
-    u = _from_canonical(u, y.shape, out_spec).astype(jnp.result_type(y))
-    return tuple(lin_t(u)), stats
+    return tuple(lin_t(u.astype(jnp.result_type(local.outputs[0]))))
+
+
+def conv_rule(local, n_out):
+    """Natural rule of ``conv_general_dilated`` w.r.t. its differentiated input and/or kernel."""
+    if local.params["batch_group_count"] != 1:
+        return _guarded_generic(local, n_out, "batch_group_count > 1")
+    x, w = local.primals
+    dx, dw = local.diff
+    _, _, out_spec = specs(local.params)
+    (y,) = local.outputs
+    dtype = jnp.result_type(x, w, y)
+    n = to_canonical(n_out[0].astype(dtype), out_spec)
+    u, stats = conv_solve(local, x, w, dx, dw, n)
+    return pullback(local, from_canonical(u, y.shape, out_spec)), stats
 
 
 register_rule("conv_general_dilated", conv_rule)
