@@ -185,6 +185,13 @@ class _Walker:
             )
             name = eqn.primitive.name
             body = body_of(eqn)
+            marked = _marked_layer(eqn)
+            if marked is not None:
+                for op in ops:
+                    if op.is_param:
+                        reason = f"inside the natchain.layer-marked function `{marked}` (one map)"
+                        self.use(op.view, key, marked, reason=reason)
+                continue
             if body is not None:
                 inner = {iv: op.view for iv, op in zip(body[0].invars, ops, strict=True) if op.view}
                 self.walk(body[0], inner, key)
@@ -273,6 +280,14 @@ def find_structure(jaxpr, num_leaves: int) -> Structure:
     sites = {k: s for k, s in w.sites.items() if all(leaf in single for leaf in s.leaves)}
     sites = _fold_shifts(sites, w.reads, w.producer)
     return Structure(sites, w.uses, num_leaves)
+
+
+def _marked_layer(eqn):
+    """The name of a :func:`natchain.layer`-marked call, else ``None``."""
+    from natchain._modular._layers import layer_spec
+
+    spec = layer_spec(eqn)
+    return None if spec is None else spec.name
 
 
 def _is_float(dtype) -> bool:
