@@ -1,9 +1,12 @@
 """Per-step cost of every natural-gradient route as a ratio to an SGD step timed in the same run.
 
-Model: a 784-128-10 tanh MLP (float32) on MNIST-shaped random inputs, categorical
-outputs. Each route is one jitted step (direction + parameter update); after warm-up
-the median of ``--reps`` calls is taken, and every route is divided by the SGD step
-(``value_and_grad`` + update) measured in the same process.
+Models: a 784-128-10 tanh MLP (float32) on MNIST-shaped random inputs, and the MNIST-1D
+CNN of its authors' paper (Greydanus 2020: three 1-D convolutions of 25 channels, kernels
+5, 3, 3, stride 2, padding 1, ReLU, a linear head 125 → 10; float32) on MNIST-1D data
+generated locally by the ``mnist1d`` package; categorical outputs. Each route is one
+jitted step (direction + parameter update); after warm-up the median of ``--reps`` calls
+is taken, and every route is divided by the SGD step (``value_and_grad`` + update) of the
+same model measured in the same process.
 
 Usage::
 
@@ -63,12 +66,58 @@ def mlp(params, x):
 FAMILY = nc.Categorical()
 
 
+def init_cnn(key, channels=25, kernels=(5, 3, 3), length=40, classes=10):
+    """The MNIST-1D CNN's parameters (PyTorch-style uniform initialisation), NWC layout."""
+    params, c_in = [], 1
+    keys = jax.random.split(key, 2 * len(kernels) + 2)
+    for i, k in enumerate(kernels):
+        bound = 1.0 / np.sqrt(c_in * k)
+        params.append(
+            {
+                "W": jax.random.uniform(
+                    keys[2 * i], (k, c_in, channels), jnp.float32, -bound, bound
+                ),
+                "b": jax.random.uniform(keys[2 * i + 1], (channels,), jnp.float32, -bound, bound),
+            }
+        )
+        c_in = channels
+        length = (length + 2 - k) // 2 + 1
+    fan_in = channels * length
+    bound = 1.0 / np.sqrt(fan_in)
+    params.append(
+        {
+            "W": jax.random.uniform(keys[-2], (fan_in, classes), jnp.float32, -bound, bound),
+            "b": jax.random.uniform(keys[-1], (classes,), jnp.float32, -bound, bound),
+        }
+    )
+    return params
+
+
+def cnn(params, x):
+    """``x``: ``(N, 40)`` MNIST-1D signals -> ``(N, 10)`` logits."""
+    h = x[:, :, None]
+    for layer in params[:-1]:
+        h = jax.lax.conv_general_dilated(
+            h, layer["W"], (2,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        h = jax.nn.relu(h + layer["b"])
+    return h.reshape(h.shape[0], -1) @ params[-1]["W"] + params[-1]["b"]
+
+
+def mnist1d_batch(n):
+    """The first ``n`` training examples of MNIST-1D (generated locally, no download)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    return jnp.asarray(data["x"][:n], jnp.float32), jnp.asarray(data["y"][:n])
+
+
 def _update(params, direction):
     return jax.tree_util.tree_map(lambda p, d: p - LR * d, params, direction)
 
 
-def sgd_step():
-    loss = lambda p, x, y: jnp.mean(jax.vmap(FAMILY.nll)(mlp(p, x), y))
+def sgd_step(model=mlp):
+    loss = lambda p, x, y: jnp.mean(jax.vmap(FAMILY.nll)(model(p, x), y))
 
     @jax.jit
     def step(params, x, y):
@@ -78,11 +127,11 @@ def sgd_step():
     return step
 
 
-def exact_step(solver, kind="true", num_samples=1, **opts):
+def exact_step(solver, kind="true", num_samples=1, model=mlp, **opts):
     @jax.jit
     def step(params, x, y, key):
         sol = nc.natural_gradient(
-            mlp,
+            model,
             params,
             x,
             y,
@@ -110,10 +159,10 @@ def fvp_step():
     return step
 
 
-def modular_step(granularity):
+def modular_step(granularity, model=mlp):
     if not hasattr(nc, "grad"):
         return None
-    fn = nc.grad(mlp, FAMILY, method="modular", granularity=granularity)
+    fn = nc.grad(model, FAMILY, method="modular", granularity=granularity)
 
     @jax.jit
     def step(params, x, y):
@@ -133,6 +182,16 @@ def routes():
         "cg (MC Fisher, 5 samples)": exact_step("cg", kind="mc", num_samples=5, **cg),
         "modular, layer granularity": modular_step("layer"),
         "modular, primitive granularity": modular_step("primitive"),
+    }
+
+
+def cnn_routes():
+    cg = dict(tol=CG_TOL, maxiter=CG_MAXITER)
+    return {
+        "gram (true Fisher)": exact_step("gram", model=cnn),
+        "cg (true Fisher)": exact_step("cg", model=cnn, **cg),
+        "modular, layer granularity": modular_step("layer", model=cnn),
+        "modular, primitive granularity": modular_step("primitive", model=cnn),
     }
 
 
@@ -157,22 +216,47 @@ def run(batches, reps):
         x = jax.random.normal(kx, (n, 784), jnp.float32)
         y = jax.random.randint(ky, (n,), 0, 10)
         t_sgd, _ = time_call(sgd_step(), (params, x, y), reps)
-        rows.append(dict(batch=n, route="SGD step", seconds=t_sgd, ratio=1.0, steps=None))
-        print(f"batch {n:4d}  SGD step {t_sgd * 1e3:8.3f} ms", flush=True)
-        for name, step in routes().items():
-            if step is None:
-                continue
-            args = (params, x, y, kk) if "modular" not in name else (params, x, y)
-            t, out = time_call(step, args, reps)
-            stats = out[2] or {}
-            steps = int(stats["num_steps"]) if "num_steps" in stats else None
-            rows.append(dict(batch=n, route=name, seconds=t, ratio=t / t_sgd, steps=steps))
-            extra = f"  ({steps} CG steps)" if steps is not None else ""
-            print(
-                f"batch {n:4d}  {name:32s} {t * 1e3:8.3f} ms  {t / t_sgd:7.1f}× SGD{extra}",
-                flush=True,
-            )
+        rows += _time_routes("mlp", n, routes(), params, x, y, kk, t_sgd, reps)
     return rows
+
+
+def _time_routes(model_name, n, steps, params, x, y, key, t_sgd, reps):
+    rows = [dict(model=model_name, batch=n, route="SGD step", seconds=t_sgd, ratio=1.0, steps=None)]
+    print(f"{model_name}  batch {n:4d}  SGD step {t_sgd * 1e3:8.3f} ms", flush=True)
+    for name, step in steps.items():
+        if step is None:
+            continue
+        args = (params, x, y, key) if "modular" not in name else (params, x, y)
+        t, out = time_call(step, args, reps)
+        stats = out[2] or {}
+        steps_taken = int(stats["num_steps"]) if "num_steps" in stats else None
+        row = dict(model=model_name, batch=n, route=name, seconds=t, ratio=t / t_sgd)
+        row["steps"] = steps_taken
+        if "structured_params" in stats:
+            row["structured_params"] = int(stats["structured_params"])
+        rows.append(row)
+        extra = f"  ({steps_taken} CG steps)" if steps_taken is not None else ""
+        if "structured_params" in row:
+            extra += f"  (structured {row['structured_params']} of {_num_params(params)})"
+        print(
+            f"{model_name}  batch {n:4d}  {name:32s} {t * 1e3:8.3f} ms  {t / t_sgd:7.1f}× SGD"
+            + extra,
+            flush=True,
+        )
+    return rows
+
+
+def _num_params(params):
+    return sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
+
+
+def run_cnn(batch, reps):
+    """The MNIST-1D CNN rows, at one batch size."""
+    key = jax.random.PRNGKey(1)
+    params = init_cnn(key)
+    x, y = mnist1d_batch(batch)
+    t_sgd, _ = time_call(sgd_step(cnn), (params, x, y), reps)
+    return _time_routes("mnist1d cnn", batch, cnn_routes(), params, x, y, key, t_sgd, reps)
 
 
 def environment():
@@ -192,13 +276,50 @@ def environment():
         "numpy": np.__version__,
         "natchain": nc.__version__,
         "device": str(jax.devices()[0]),
+        "load_average": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
 
 
-def write_readme(rows, env, reps):
+PEER_BEGIN, PEER_END = "<!-- peer:begin -->", "<!-- peer:end -->"
+
+
+def _table(rows):
     batches = sorted({r["batch"] for r in rows})
     names = list(dict.fromkeys(r["route"] for r in rows))
     cell = {(r["route"], r["batch"]): r for r in rows}
+    lines = [
+        "| route | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
+    for name in names:
+        cells = []
+        for b in batches:
+            r = cell.get((name, b))
+            if r is None:
+                cells.append("—")
+            elif name == "SGD step":
+                cells.append(f"{r['seconds'] * 1e3:.3f} ms")
+            else:
+                s = f" ({r['steps']})" if r.get("steps") is not None else ""
+                cells.append(f"{r['ratio']:.1f}×{s}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _peer_section(path):
+    """The text between the peer markers of an existing README (kept on regeneration)."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    if PEER_BEGIN in text and PEER_END in text:
+        start = text.index(PEER_BEGIN)
+        return text[start : text.index(PEER_END, start) + len(PEER_END)]
+    return None
+
+
+def write_readme(rows, env, reps):
+    mlp_rows = [r for r in rows if r.get("model", "mlp") == "mlp"]
+    cnn_rows = [r for r in rows if r.get("model") == "mnist1d cnn"]
     lines = [
         "# Benchmarks",
         "",
@@ -213,35 +334,59 @@ def write_readme(rows, env, reps):
         "N·(m−1) × N·(m−1) system. How the costs grow with batch size and width:",
         "`python -m experiments cost` (results/cost/).",
         "",
-        "| route | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---:|" * len(batches),
+        *_table(mlp_rows),
     ]
-    for name in names:
-        cells = []
-        for b in batches:
-            r = cell.get((name, b))
-            if r is None:
-                cells.append("—")
-            elif name == "SGD step":
-                cells.append(f"{r['seconds'] * 1e3:.3f} ms")
-            else:
-                s = f" ({r['steps']})" if r["steps"] is not None else ""
-                cells.append(f"{r['ratio']:.1f}×{s}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if cnn_rows:
+        p_cnn = _num_params(init_cnn(jax.random.PRNGKey(1)))
+        structured = [r for r in cnn_rows if "structured_params" in r]
+        lines += [
+            "",
+            "## MNIST-1D CNN",
+            "",
+            "The CNN of the MNIST-1D paper (three 1-D convolutions of 25 channels, kernels 5, 3,",
+            f"3, stride 2, padding 1, ReLU, linear head; P = {p_cnn}), float32, on the first",
+            "examples of the locally generated MNIST-1D training set; same damping and CG",
+            "settings.",
+            "",
+            *_table(cnn_rows),
+        ]
+        if structured:
+            lines += [
+                "",
+                "Parameters the gram route builds from per-layer structure: "
+                + ", ".join(
+                    f"{r['structured_params']} of {p_cnn} (batch {r['batch']})" for r in structured
+                )
+                + ".",
+            ]
+    load = env.get("load_average")
+    if load:
+        lines += [
+            "",
+            f"Load average (1, 5, 15 min) at the start of the run: {load}; the machine was "
+            "shared, so ratios are indicative.",
+        ]
     lines += ["", "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
+    peer = _peer_section(HERE / "README.md")
+    if peer is not None:
+        lines += [peer, ""]
     (HERE / "README.md").write_text("\n".join(lines))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[2, 32, 128])
+    parser.add_argument("--batches", type=int, nargs="*", default=[2, 32, 128])
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="5 repetitions, print only")
+    parser.add_argument("--cnn-batch", type=int, default=32, help="MNIST-1D CNN batch (0: skip)")
     args = parser.parse_args(argv)
     reps = 5 if args.quick else args.reps
+    env_start = environment()  # the load average before the run
     rows = run(args.batches, reps)
+    if args.cnn_batch:
+        rows += run_cnn(args.cnn_batch, reps)
     if not args.quick:
-        env = environment()
+        env = env_start
         (HERE / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         write_readme(rows, env, reps)
 

@@ -24,6 +24,7 @@ from natchain._modular import (
     register_rule,
     value_and_grad,
 )
+from natchain._modular._interpreter import StructureError, StructureWarning
 from natchain._natural_gradient import (
     Solution,
     fisher_matrix,
@@ -34,6 +35,7 @@ from natchain._natural_gradient import (
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._solvers import CG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
+from natchain._structure._inspect import LeafRow, StructureTable, inspect_structure
 
 __version__ = "0.1.0"
 
@@ -51,15 +53,20 @@ __all__ = [
     "Pinv",
     "Poisson",
     "SOLVERS",
+    "LeafRow",
     "LocalMap",
     "LocalStats",
     "MapRecord",
     "Solution",
+    "StructureError",
+    "StructureTable",
+    "StructureWarning",
     "diagnostics",
     "fisher_matrix",
     "fisher_vp",
     "generic_rule",
     "grad",
+    "inspect_structure",
     "layer",
     "make_solver",
     "modular_trace",

@@ -1,154 +1,103 @@
 """The output-space Gram matrix ``C = Mᵀ J Jᵀ M`` without materialising ``J``.
 
-For a weight ``W`` used once as ``a = h @ W`` (or ``h @ Wᵀ``) with per-example rows
-``h_i``, the rows of ``Mᵀ J`` restricted to ``W`` are rank one, ``h_i ⊗ D̃_{i,a}`` with
-``D̃_{i,a} = ∂⟨M_i[:, a], eta_i⟩ / ∂a_i``, so their Gram is ``(h_i·h_j)(D̃_{i,a}·D̃_{j,b})``.
-A bias ``b`` added once to such an output contributes ``D̃_{i,a}·D̃_{j,b}``. docs/theory.md §2 gives
-the same identity for ``K`` itself; contracting with ``M`` first makes the backward
-passes one per factor column ``r`` instead of one per output coordinate.
+The layers are those the pattern registry (:mod:`natchain._structure`) recognises; each
+pattern contributes its block from what its site records in one forward pass and the
+cotangents ``D̃`` of zero "taps" added to the site outputs: one batched backward pass per
+column of the output-Fisher factor ``M`` gives ``D̃_a = ∂⟨M[:, :, a], eta⟩ / ∂out`` for every
+example at once. That assumes the model treats examples independently (no batch
+statistics), as docs/theory.md §1's ``f(theta, x_i)`` does. docs/theory.md §2 gives the dense
+identity for ``K`` itself; contracting with ``M`` first makes the backward passes one per
+factor column instead of one per output coordinate.
 
-The dense layers are found in the model's jaxpr (a ``dot_general`` whose right operand
-is a parameter leaf, possibly transposed; an ``add`` of a broadcast 1-D leaf). A leaf
-used any other way, or more than once, falls back to its materialised per-example
-Jacobian. The ``D̃`` are cotangents of zero "taps" added to the recognised outputs; one
-batched backward pass gives them for every example at once, which assumes the model
-treats examples independently (no batch statistics), as docs/theory.md §1's ``f(theta, x_i)`` does.
+Which axis of a site's input and output is the example axis is read off a second trace of
+the model at batch size ``N + 1``: it is the one axis whose size changes. A site where that
+is ambiguous, or whose pattern declines those axes, falls back, as does every leaf no site
+claims: its block comes from its materialised per-example Jacobian.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natchain._jaxpr import bind_eqn, call_subjaxpr, is_literal, trace_params
+from natchain._structure._base import GramData
+from natchain._structure._walk import body_of, find_structure
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    kind: str  # "matmul", "matmul_left" or "bias"
-    leaf: int
-    bias: int | None = None  # a bias leaf folded into this matmul site (same cotangent)
-    out: object = None  # the site equation's output variable
-    arg: object = None  # bias sites: the variable the bias is added to
+def analyse(model, params, x):
+    """``(closed_jaxpr, structure)``: the model's jaxpr and its recognised sites."""
+    closed, leaves, _, _ = trace_params(model, params, x)
+    return closed, find_structure(closed.jaxpr, len(leaves))
 
 
-@dataclasses.dataclass
-class _Alias:
-    leaf: int
-    how: str  # "leaf", "transpose", "bcast"
+def _eqn_at(jaxpr, key):
+    for k in key[:-1]:
+        jaxpr = body_of(jaxpr.eqns[k])[0]
+    return jaxpr.eqns[key[-1]]
 
 
-def _find_sites(jaxpr, leaf_vars: dict, batch: int, path=(), uses=None, sites=None):
-    """Walk ``jaxpr`` recording candidate dense-layer sites and every use of each leaf."""
-    uses = {} if uses is None else uses
-    sites = {} if sites is None else sites
-    alias = dict(leaf_vars)
-    for k, eqn in enumerate(jaxpr.eqns):
-        key = (*path, k)
-        ins = [None if is_literal(v) else alias.get(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        sub = call_subjaxpr(eqn)
-        if sub is not None and any(a is not None for a in ins):
-            inner = {v: a for v, a in zip(sub.jaxpr.invars, ins, strict=True) if a is not None}
-            _find_sites(sub.jaxpr, inner, batch, key, uses, sites)
-            continue
-        if name == "transpose" and ins[0] is not None and ins[0].how == "leaf":
-            if len(eqn.invars[0].aval.shape) == 2:
-                alias[eqn.outvars[0]] = _Alias(ins[0].leaf, "transpose")
-                continue
-        if _is_row_broadcast(eqn, ins):
-            alias[eqn.outvars[0]] = _Alias(ins[0].leaf, "bcast")
-            continue
-        for a in ins:
-            if a is not None:
-                uses[a.leaf] = uses.get(a.leaf, 0) + 1
-        site = _match_site(eqn, ins, batch)
-        if site is not None:
-            sites[key] = dataclasses.replace(site, out=eqn.outvars[0])
-    return uses, sites
-
-
-def _is_row_broadcast(eqn, ins):
-    """A 1-D leaf made a row ``(1, o)`` or ``(N, o)`` by ``broadcast_in_dim`` or ``reshape``."""
-    if not ins or ins[0] is None or ins[0].how != "leaf":
-        return False
-    shape_in, shape_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-    if len(shape_in) != 1 or len(shape_out) != 2 or shape_out[1] != shape_in[0]:
-        return False
-    name = eqn.primitive.name
-    if name == "broadcast_in_dim":
-        return tuple(eqn.params["broadcast_dimensions"]) == (1,)
-    return name == "reshape" and shape_out[0] == 1
-
-
-def _match_site(eqn, ins, batch):
-    name = eqn.primitive.name
-    out_shape = eqn.outvars[0].aval.shape
-    if name == "dot_general":
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        if lb or rb:
-            return None
-        contract = (tuple(lc), tuple(rc))
-        for w_pos, kind in ((1, "matmul"), (0, "matmul_left")):
-            w, other = ins[w_pos], ins[1 - w_pos]
-            if w is None or w.how == "bcast" or other is not None:
-                continue
-            h_shape = eqn.invars[1 - w_pos].aval.shape
-            if (
-                len(h_shape) == 2
-                and h_shape[0] == batch
-                and contract[1 - w_pos] == (1,)
-                and contract[w_pos] in ((0,), (1,))
-            ):
-                return Site(kind, w.leaf)
-        return None
-    if name == "add" and len(out_shape) == 2 and out_shape[0] == batch:
-        for pos in (0, 1):
-            a, other = ins[pos], ins[1 - pos]
-            if a is not None and a.how == "bcast" and other is None:
-                return Site("bias", a.leaf, arg=eqn.invars[1 - pos])
+def _example_axis(shape, shape2, n):
+    diff = [a for a, (s, t) in enumerate(zip(shape, shape2, strict=True)) if s != t]
+    if len(diff) == 1 and shape[diff[0]] == n and shape2[diff[0]] == n + 1:
+        return diff[0]
     return None
 
 
-def _var_uses(jaxpr, counts):
-    """Count how often each variable is read (equation inputs and outputs of the jaxpr)."""
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            if not is_literal(v):
-                counts[v] = counts.get(v, 0) + 1
-        sub = call_subjaxpr(eqn)
-        if sub is not None:
-            _var_uses(sub.jaxpr, counts)
-    for v in jaxpr.outvars:
-        if not is_literal(v):
-            counts[v] = counts.get(v, 0) + 1
-    return counts
+def example_axes(model, params, x, closed, structure, n):
+    """Per site, ``(input_axes, out_axis)`` in the anchor's layout, or a reason string."""
+    leaves = jax.tree_util.tree_leaves(params)
+    x_leaves, x_def = jax.tree_util.tree_flatten(x)
+    if any(np.ndim(a) == 0 or np.shape(a)[0] != n for a in x_leaves):
+        return dict.fromkeys(structure.sites, "not every input leaf has the examples on axis 0")
+    bigger = [jax.ShapeDtypeStruct((n + 1, *np.shape(a)[1:]), jnp.result_type(a)) for a in x_leaves]
+    treedef = jax.tree_util.tree_structure(params)
+
+    def fn(*args):
+        ps = jax.tree_util.tree_unflatten(treedef, args[: len(leaves)])
+        return model(ps, jax.tree_util.tree_unflatten(x_def, args[len(leaves) :]))
+
+    try:
+        closed2 = jax.make_jaxpr(fn)(*leaves, *bigger)
+    except Exception:  # noqa: BLE001 - any failure means: no example axes known
+        return dict.fromkeys(structure.sites, "the model does not trace at another batch size")
+    out = {}
+    for key, site in structure.sites.items():
+        try:
+            eqn2 = _eqn_at(closed2.jaxpr, key)
+            tap2 = _eqn_at(closed2.jaxpr, site.tap_key)
+        except (IndexError, TypeError, AttributeError):
+            eqn2 = tap2 = None
+        if eqn2 is None or eqn2.primitive is not site.eqn.primitive:
+            out[key] = "the model's jaxpr changes with the batch size"
+            continue
+        axes = tuple(
+            _example_axis(site.eqn.invars[i].aval.shape, eqn2.invars[i].aval.shape, n)
+            for i in site.record
+        )
+        out_axis = _example_axis(site.out.aval.shape, tap2.outvars[0].aval.shape, n)
+        if out_axis is not None and site.shift is not None and site.shift.post_perm:
+            out_axis = site.shift.post_perm[out_axis]
+        if out_axis is None or None in axes:
+            out[key] = "no single example axis in the layer's input or output"
+            continue
+        reason = site.pattern.gram_decline(site, axes, out_axis)
+        out[key] = reason if reason is not None else (axes, out_axis)
+    return out
 
 
-def analyse(model, params, x, batch: int):
-    """Return ``(closed_jaxpr, sites)`` with only the sites whose leaf has that single use.
-
-    A bias added straight to a ``h @ W`` output read nowhere else shares that output's
-    cotangent, so it is folded into the matmul site: one Gram product for both leaves.
-    """
-    closed, leaves, _, _ = trace_params(model, params, x)
-    leaf_vars = {v: _Alias(i, "leaf") for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}
-    uses, sites = _find_sites(closed.jaxpr, leaf_vars, batch)
-    sites = {k: s for k, s in sites.items() if uses.get(s.leaf, 0) == 1}
-    reads = _var_uses(closed.jaxpr, {})
-    matmul_by_out = {s.out: k for k, s in sites.items() if s.kind == "matmul"}
-    for key, site in list(sites.items()):
-        target = matmul_by_out.get(site.arg) if site.kind == "bias" else None
-        if target is not None and reads.get(site.arg, 0) == 1:
-            sites[target] = dataclasses.replace(sites[target], bias=site.leaf)
-            del sites[key]
-    return closed, sites
+def gram_sites(model, params, x, n):
+    """``(closed, structure, kept, declined)``: the sites the Gram route uses and why not."""
+    closed, structure = analyse(model, params, x)
+    axes = example_axes(model, params, x, closed, structure, n)
+    kept = {k: axes[k] for k in structure.sites if not isinstance(axes[k], str)}
+    declined = {k: axes[k] for k in structure.sites if isinstance(axes[k], str)}
+    return closed, structure, kept, declined
 
 
 def _run(jaxpr, consts, args, sites, taps, record, path=()):
-    """Evaluate ``jaxpr`` adding ``taps[key]`` to each site's output and recording ``h``."""
+    """Evaluate ``jaxpr`` adding ``taps[key]`` at each site's output and recording inputs."""
     env = {}
 
     def read(v):
@@ -158,41 +107,34 @@ def _run(jaxpr, consts, args, sites, taps, record, path=()):
         env[v] = val
     for v, val in zip(jaxpr.invars, args, strict=True):
         env[v] = val
+    anchors = {s.key: s for s in sites.values()}
+    tapped = {s.tap_key for s in sites.values()}
+    keys = set(anchors) | tapped
     prefixes = {
-        s[: len(path) + 1] for s in sites if len(s) > len(path) + 1 and s[: len(path)] == path
+        s[: len(path) + 1] for s in keys if len(s) > len(path) + 1 and s[: len(path)] == path
     }
     for k, eqn in enumerate(jaxpr.eqns):
         key = (*path, k)
         invals = [read(v) for v in eqn.invars]
         if key in prefixes:
-            sub = call_subjaxpr(eqn)
+            sub = call_subjaxpr(eqn) or _closed(body_of(eqn))
             outs = _run(sub.jaxpr, sub.consts, invals, sites, taps, record, key)
         else:
             out = bind_eqn(eqn, invals)
-            outs = out if eqn.primitive.multiple_results else [out]
-            if key in sites:
-                kind = sites[key].kind
-                if kind != "bias":
-                    record[key] = invals[0] if kind == "matmul" else invals[1]
+            outs = list(out) if eqn.primitive.multiple_results else [out]
+            if key in anchors:
+                record[key] = tuple(invals[i] for i in anchors[key].record)
+            if key in tapped:
                 outs = [outs[0] + taps[key]]
         for v, val in zip(eqn.outvars, outs, strict=True):
             env[v] = val
     return [read(v) for v in jaxpr.outvars]
 
 
-def _site_gram(site, h, d):
-    """Contribution ``(N·r, N·r)`` of one site; ``d`` is ``(r, N, o)`` (``(r, o, N)`` if left)."""
-    if site.kind == "matmul_left":
-        d = jnp.swapaxes(d, 1, 2)
-    r, n = d.shape[:2]
-    dm = jnp.swapaxes(d, 0, 1).reshape(n * r, -1)
-    gram = dm @ dm.T
-    if site.kind == "bias":
-        return gram
-    weight = h @ h.T
-    if site.bias is not None:
-        weight = weight + 1.0
-    return gram * jnp.repeat(jnp.repeat(weight, r, axis=0), r, axis=1)
+def _closed(body):
+    from jax.extend import core as jex_core
+
+    return jex_core.ClosedJaxpr(body[0], body[1])
 
 
 def factor_gram(problem, structured="auto"):
@@ -200,7 +142,7 @@ def factor_gram(problem, structured="auto"):
 
     Args:
         problem: a :class:`natchain._problem.Problem`.
-        structured: ``"auto"``/``True`` to use recognised dense layers, ``False`` to
+        structured: ``"auto"``/``True`` to use the recognised layers, ``False`` to
             materialise the whole Jacobian.
 
     Returns:
@@ -213,38 +155,34 @@ def factor_gram(problem, structured="auto"):
         b = problem.factor_jacobian()
         return b @ b.T, {"structured_params": jnp.asarray(0)}
     params = problem.unravel(problem.flat)
-    closed, sites = analyse(problem.model, params, problem.x, n)
+    closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
+    sites = {k: structure.sites[k] for k in kept}
     leaves, treedef = jax.tree_util.tree_flatten(params)
     x_leaves = jax.tree_util.tree_leaves(problem.x)
-    eqn_out = _site_shapes(closed.jaxpr, sites)
-    taps0 = {k: jnp.zeros(shape, problem.eta.dtype) for k, shape in eqn_out.items()}
+    taps0 = {s.tap_key: jnp.zeros(s.out_shape, problem.eta.dtype) for s in sites.values()}
 
     def f_taps(taps):
         record = {}
         (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
         return eta, record
 
-    _, vjp_fn, hs = jax.vjp(f_taps, taps0, has_aux=True)
+    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
     ds = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(ms, 2, 0))
     cmat = jnp.zeros((n * r, n * r), problem.eta.dtype)
     for key, site in sites.items():
-        cmat = cmat + _site_gram(site, hs.get(key), ds[key])
-    covered = {s.leaf for s in sites.values()} | {s.bias for s in sites.values()} - {None}
+        in_axes, out_axis = kept[key]
+        cot = ds[site.tap_key]
+        if site.shift is not None and site.shift.post_perm:
+            inv = np.argsort(site.shift.post_perm)
+            cot = jnp.transpose(cot, (0, *(1 + int(a) for a in inv)))
+        data = GramData(recorded[key], in_axes, cot, out_axis)
+        cmat = cmat + site.pattern.gram(site, data).astype(cmat.dtype)
+    covered = {leaf for s in sites.values() for leaf in s.leaves}
     rest = [i for i in range(len(leaves)) if i not in covered]
     if rest:
         cmat = cmat + _fallback_gram(problem, leaves, treedef, rest).reshape(n * r, n * r)
     n_struct = sum(int(leaves[i].size) for i in covered)
     return cmat, {"structured_params": jnp.asarray(n_struct)}
-
-
-def _site_shapes(jaxpr, sites):
-    shapes = {}
-    for key in sites:
-        sub = jaxpr
-        for k in key[:-1]:
-            sub = call_subjaxpr(sub.eqns[k]).jaxpr
-        shapes[key] = sub.eqns[key[-1]].outvars[0].aval.shape
-    return shapes
 
 
 def _fallback_gram(problem, leaves, treedef, rest):

@@ -129,7 +129,7 @@ def test_gram_structure_recognises_common_layer_styles(model):
 
 
 def test_gram_structure_falls_back_for_unrecognised_leaves():
-    """A weight used twice (tied) and an elementwise scale fall back to their Jacobians."""
+    """A weight used twice (tied) falls back to its Jacobian; the bias and the scale do not."""
 
     def model(p, x):
         h = jnp.tanh(x @ p["W"] + p["b"])
@@ -147,7 +147,7 @@ def test_gram_structure_falls_back_for_unrecognised_leaves():
     ref = nc.natural_gradient(model, params, x, y, fam, solver="pinv", damping=1e-3)
     sol = nc.natural_gradient(model, params, x, y, fam, solver="gram", damping=1e-3)
     assert rel_err(sol.value, ref.value) <= TOL
-    assert int(sol.stats["structured_params"]) == 4  # only the bias
+    assert int(sol.stats["structured_params"]) == 8  # the bias and the scale, not W
 
 
 def test_single_full_row_rank_map_equals_pseudo_inverse_formula():

@@ -124,6 +124,207 @@ CASES = [
         (A34, _r(14, 5, 4)),
         (True, True),
     ),
+    (
+        "dot_general",
+        "attention_scores",
+        lambda q, k: jnp.einsum("bqd,bkd->bqk", q, k),
+        (_r(17, 2, 3, 4), _r(18, 2, 3, 4)),
+        (True, True),
+    ),
+]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_NCHW = ("NCHW", "OIHW", "NCHW")
+
+
+def _conv(strides=(1, 1), padding="VALID", dn=_NHWC, **kw):
+    def f(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn, **kw)
+
+    return f
+
+
+def _window(init, op, dims, strides, padding="VALID", **kw):
+    return lambda x: lax.reduce_window(x, init, op, dims, strides, padding, **kw)
+
+
+X_NHWC, W_HWIO = _r(30, 2, 4, 4, 2), _r(31, 2, 2, 2, 3)
+X_NCHW, W_OIHW = _r(32, 2, 2, 5, 5), _r(33, 4, 2, 3, 3)
+X_G, W_G = _r(34, 2, 4, 4, 4), _r(35, 2, 2, 2, 4)  # two feature groups of two channels
+_GATHER = lax.GatherDimensionNumbers(
+    offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+)
+_SCATTER = lax.ScatterDimensionNumbers(
+    update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+IDS = jnp.asarray([[0], [2], [0], [3]])  # token 0 looked up twice
+
+CASES += [
+    ("conv_general_dilated", "nhwc_kernel", _conv(), (X_NHWC, W_HWIO), (False, True)),
+    ("conv_general_dilated", "nhwc_joint", _conv(), (X_NHWC, W_HWIO), (True, True)),
+    ("conv_general_dilated", "nhwc_input", _conv(), (X_NHWC, W_HWIO), (True, False)),
+    (
+        "conv_general_dilated",
+        "nchw_stride_pad_joint",
+        _conv((2, 2), ((1, 1), (1, 1)), _NCHW),
+        (X_NCHW, W_OIHW),
+        (True, True),
+    ),
+    (
+        "conv_general_dilated",
+        "nchw_same_kernel",
+        _conv((1, 1), "SAME", _NCHW),
+        (X_NCHW, W_OIHW),
+        (False, True),
+    ),
+    (
+        "conv_general_dilated",
+        "dilated_joint",
+        _conv((1, 1), ((1, 0), (0, 1)), _NCHW, lhs_dilation=(2, 1), rhs_dilation=(1, 2)),
+        (_r(36, 1, 2, 3, 3), _r(37, 2, 2, 2, 2)),
+        (True, True),
+    ),
+    (
+        "conv_general_dilated",
+        "groups_joint",
+        _conv(feature_group_count=2),
+        (X_G, W_G),
+        (True, True),
+    ),
+    (
+        "conv_general_dilated",
+        "groups_kernel",
+        _conv(feature_group_count=2),
+        (X_G, W_G),
+        (False, True),
+    ),
+    (
+        "conv_general_dilated",
+        "conv1d_stride2",
+        lambda x, w: lax.conv_general_dilated(
+            x, w, (2,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")
+        ),
+        (_r(38, 2, 9, 1), _r(39, 5, 1, 3)),
+        (False, True),
+    ),
+    (
+        "conv_general_dilated",
+        "batch_groups",
+        _conv(batch_group_count=2),
+        (_r(40, 2, 3, 3, 1), _r(41, 2, 2, 1, 2)),
+        (True, True),
+    ),
+    (
+        "reduce_window_sum",
+        "avg_pool_2x2",
+        _window(0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1)),
+        (_r(42, 2, 4, 4, 2),),
+        (True,),
+    ),
+    (
+        "reduce_window_sum",
+        "overlap_same",
+        _window(0.0, lax.add, (1, 3, 3, 1), (1, 2, 2, 1), "SAME"),
+        (_r(43, 1, 5, 5, 1),),
+        (True,),
+    ),
+    (
+        "reduce_window_sum",
+        "dilated",
+        _window(0.0, lax.add, (2, 2), (1, 1), ((1, 0), (0, 1)), window_dilation=(2, 1)),
+        (A34,),
+        (True,),
+    ),
+    (
+        "reduce_window_max",
+        "max_pool_2x2",
+        _window(-jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1)),
+        (_r(44, 2, 4, 4, 2),),
+        (True,),
+    ),
+    (
+        "reduce_window_max",
+        "overlap_same",
+        _window(-jnp.inf, lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME"),
+        (_r(45, 1, 4, 4, 1),),
+        (True,),
+    ),
+    (
+        "reduce_window_min",
+        "overlap",
+        _window(jnp.inf, lax.min, (2, 2), (1, 1)),
+        (A34,),
+        (True,),
+    ),
+    ("cumsum", "axis1", lambda a: lax.cumsum(a, axis=1), (A34,), (True,)),
+    ("cumsum", "reverse", lambda a: lax.cumsum(a, axis=0, reverse=True), (A34,), (True,)),
+    ("cummax", "axis1", lambda a: lax.cummax(a, axis=1), (A34,), (True,)),
+    ("cummin", "axis0", lambda a: lax.cummin(a, axis=0), (A34,), (True,)),
+    (
+        "pad",
+        "negative_interior",
+        lambda a: lax.pad(a, 0.0, ((1, -1, 1), (-1, 2, 0))),
+        (A34,),
+        (True,),
+    ),
+    (
+        "pad",
+        "value_too",
+        lambda a, v: lax.pad(a, v, ((1, 0, 0), (0, 2, 1))),
+        (A34, S0),
+        (True, True),
+    ),
+    (
+        "dynamic_slice",
+        "window",
+        lambda a, i, j: lax.dynamic_slice_p.bind(a, i, j, slice_sizes=(2, 2)),
+        (A34, jnp.asarray(1), jnp.asarray(3)),  # j = 3 is clamped to 2
+        (True, False, False),
+    ),
+    (
+        "dynamic_update_slice",
+        "both",
+        lambda a, b, i, j: lax.dynamic_update_slice_p.bind(a, b, i, j),
+        (A34, _r(46, 2, 2), jnp.asarray(1), jnp.asarray(1)),
+        (True, True, False, False),
+    ),
+    (
+        "gather",
+        "embedding_repeat",
+        lambda t, ids: lax.gather(t, ids, _GATHER, (1, 4)),
+        (A34, IDS[:, :1].clip(0, 2)),
+        (True, False),
+    ),
+    (
+        "scatter-add",
+        "repeat",
+        lambda a, ids, u: lax.scatter_add(a, ids, u, _SCATTER),
+        (A34, IDS[:, :1].clip(0, 2), _r(47, 4, 4)),
+        (True, False, True),
+    ),
+    ("split", "axis1", lambda a: lax.split(a, (1, 3), axis=1), (A34,), (True,)),
+    (
+        "reduce_precision",
+        "bf16",
+        lambda a: lax.reduce_precision(a, exponent_bits=11, mantissa_bits=52),
+        (A34,),
+        (True,),
+    ),
+    ("rem", "both", lax.rem, (A34, P34), (True, True)),
+    ("erfc", "unary", lax.erfc, (A34,), (True,)),
+    ("erf_inv", "unary", lax.erf_inv, (jnp.tanh(A34) * 0.9,), (True,)),
+    ("tan", "unary", lax.tan, (A34 * 0.3,), (True,)),
+    ("sinh", "unary", lax.sinh, (A34,), (True,)),
+    ("cosh", "unary", lax.cosh, (A34,), (True,)),
+    ("asin", "unary", lax.asin, (jnp.tanh(A34) * 0.9,), (True,)),
+    ("acos", "unary", lax.acos, (jnp.tanh(A34) * 0.9,), (True,)),
+    ("atan", "unary", lax.atan, (A34,), (True,)),
+    ("asinh", "unary", lax.asinh, (A34,), (True,)),
+    ("acosh", "unary", lax.acosh, (P34 + 1.0,), (True,)),
+    ("atanh", "unary", lax.atanh, (jnp.tanh(A34) * 0.9,), (True,)),
+    ("cbrt", "unary", lax.cbrt, (P34,), (True,)),
+    ("lgamma", "unary", lax.lgamma, (P34,), (True,)),
+    ("digamma", "unary", lax.digamma, (P34,), (True,)),
 ]
 
 

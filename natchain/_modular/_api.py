@@ -10,7 +10,12 @@ import jax.numpy as jnp
 
 from natchain._checks import check_choice, check_finite, check_float_params, is_concrete
 from natchain._modular._core import is_float, local_jacobian
-from natchain._modular._interpreter import check_options, trace_chain, zeros_for
+from natchain._modular._interpreter import (
+    check_options,
+    report_structure,
+    trace_chain,
+    zeros_for,
+)
 from natchain._natural_gradient import natural_gradient
 from natchain._problem import KINDS, check_family, output_factor
 
@@ -57,11 +62,13 @@ def _flatten_model(model, params, x):
     return fn, leaves, treedef, x_leaves
 
 
-def _record_chain(model, params, x, granularity, rcond, fallback):
+def _record_chain(model, params, x, granularity, rcond, fallback, strict=False):
     fn, leaves, treedef, x_leaves = _flatten_model(model, params, x)
     chain, leaf_ids, out_ids, outs, out_tree = trace_chain(
-        fn, leaves, x_leaves, granularity=granularity, rcond=rcond, fallback=fallback, batch="auto"
+        fn, leaves, x_leaves, granularity=granularity, rcond=rcond, fallback=fallback
     )
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    report_structure(chain, out_ids, paths, strict)
     if len(outs) != 1:
         raise ValueError(
             f"model must return one array of shape (N, m); it returned {len(outs)} arrays."
@@ -125,7 +132,7 @@ def natural_vjp(
         return fun(*jax.tree_util.tree_unflatten(in_tree, ls))
 
     chain, leaf_ids, out_ids, outs, out_tree = trace_chain(
-        flat_fun, leaves, [], granularity=granularity, rcond=rcond, fallback=fallback, batch="auto"
+        flat_fun, leaves, [], granularity=granularity, rcond=rcond, fallback=fallback
     )
     out = jax.tree_util.tree_unflatten(out_tree, outs)
 
@@ -173,10 +180,11 @@ def _modular_grad(
     kind,
     num_samples,
     with_stats=True,
+    strict=False,
 ):
     """The traced part of the modular natural gradient (shape checks only)."""
     chain, leaf_ids, out_ids, eta, treedef, leaves = _record_chain(
-        model, params, x, granularity, rcond, fallback
+        model, params, x, granularity, rcond, fallback, strict
     )
     family.check_output(eta)
     family.check_targets(y, eta)
@@ -202,6 +210,7 @@ def value_and_grad(
     solver="pinv",
     damping=0.0,
     return_stats=False,
+    strict=False,
     **solver_options,
 ):
     """Like :func:`grad`, returning ``fn(params, x, y, key=None) -> (loss, natural_grad)``.
@@ -265,6 +274,7 @@ def value_and_grad(
             kind=kind,
             num_samples=num_samples,
             with_stats=return_stats,
+            strict=strict,
         )
     )
     return fn
@@ -283,6 +293,7 @@ def grad(
     solver="pinv",
     damping=0.0,
     return_stats=False,
+    strict=False,
     **solver_options,
 ):
     """A natural gradient function, modular (the natural chain rule) or exact.
@@ -315,6 +326,9 @@ def grad(
             "num_cut", "condition"}}, "num_cut": total, "num_fanouts": …}`` with one entry
             per map in backward order (keys ``"<index>_<kind>_<name>"``). Exact: the
             solver's statistics.
+        strict: at ``granularity="layer"``, raise ``natchain.StructureError`` where a
+            :class:`natchain.StructureWarning` would say that no layer was found or that a
+            parameter leaf is split into primitive maps.
 
     Returns:
         ``fn(params, x, y, key=None)`` returning the natural gradient (a pytree shaped
@@ -339,6 +353,7 @@ def grad(
         solver=solver,
         damping=damping,
         return_stats=return_stats,
+        strict=strict,
         **solver_options,
     )
 

@@ -7,10 +7,12 @@ equation with a differentiated input and a floating-point output becomes one map
 tape, with the inputs it is differentiated in. Call primitives (``jit``,
 ``custom_jvp_call``, ``custom_vjp_call``, ``remat``) are entered and their bodies split
 likewise. At ``granularity="layer"`` three kinds of equation groups are one map instead:
-recognised dense layers (a ``dot_general`` with a parameter-leaf weight and its bias
-``add``, found by :mod:`natchain._gram`'s matcher), elementwise activations (one
-differentiated input, an elementwise body — ``tanh``, ``jax.nn.relu``, ``jax.nn.gelu``), and
-functions marked with :func:`natchain.layer`.
+the layers the pattern registry recognises (:mod:`natchain._structure`: dense layers with
+their bias, parameter scales and shifts — the same sites the Gram route structures), each
+with its pattern's rule; elementwise activations (one differentiated input, an elementwise
+body — ``tanh``, ``jax.nn.relu``, ``jax.nn.gelu``); and functions marked with
+:func:`natchain.layer`. A parameter leaf no pattern claims is split into primitives; that
+is reported (:class:`StructureWarning`, or an error under ``strict``).
 
 **Backward.** Maps are visited in reverse. A map turns the natural cotangents of its
 outputs into those of its differentiated inputs by its rule (``J⁺ n``). A value used by
@@ -21,6 +23,7 @@ pseudo-inverse averages: its natural cotangent is the mean of the ``k`` it recei
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -28,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from natchain._gram import _Alias, _find_sites
 from natchain._jaxpr import bind_eqn, is_literal
 from natchain._modular import _rules  # noqa: F401  (registers the rules)
 from natchain._modular._core import (
@@ -37,7 +39,7 @@ from natchain._modular._core import (
     generic_rule,
     is_float,
 )
-from natchain._modular._layers import dense_rule, layer_spec
+from natchain._modular._layers import layer_spec
 from natchain._modular._registry import (
     CALLS,
     CONTROL_FLOW,
@@ -46,6 +48,7 @@ from natchain._modular._registry import (
     RULES,
     missing_rule_error,
 )
+from natchain._structure._walk import Structure, find_structure
 
 GRANULARITIES = ("layer", "primitive")
 FALLBACKS = ("error", "generic")
@@ -56,7 +59,7 @@ class Node:
     """One map on the tape."""
 
     name: str
-    kind: str  # "dense", "activation", "layer", "primitive", "generic"
+    kind: str  # a pattern's name ("dense", …), "activation", "layer", "primitive", "generic"
     rule: Callable
     local: LocalMap
     in_ids: tuple  # one id per differentiated input
@@ -98,60 +101,30 @@ def _is_elementwise_body(jaxpr, shape) -> bool:
     return True
 
 
-@dataclasses.dataclass
-class DenseSites:
-    """Dense layers found in the model's jaxpr (layer granularity only)."""
+class StructureWarning(UserWarning):
+    """Layer granularity found no layer, or split a parameter leaf into primitive maps."""
 
-    matmul: dict  # key -> leaf index
-    bias_of: dict  # matmul key -> (bias key, bias leaf)
-    paired_bias: dict  # bias key -> matmul key
-    leaves: set  # leaf indices whose alias equations belong to a group
 
-    @classmethod
-    def empty(cls):
-        return cls({}, {}, {}, set())
-
-    @classmethod
-    def find(cls, jaxpr, num_leaves, batch):
-        if batch is None:
-            return cls.empty()
-        leaf_vars = {v: _Alias(i, "leaf") for i, v in enumerate(jaxpr.invars[:num_leaves])}
-        uses, sites = _find_sites(jaxpr, leaf_vars, batch)
-        sites = {k: s for k, s in sites.items() if uses.get(s.leaf, 0) == 1}
-        matmul = {k: s.leaf for k, s in sites.items() if s.kind == "matmul"}
-        out_to_key = {}
-        for k in matmul:
-            body, eqn = _eqn_at(jaxpr, k)
-            out_to_key[(k[:-1], eqn.outvars[0])] = (k, body)
-        bias_of, paired = {}, {}
-        for k, s in sites.items():
-            if s.kind != "bias":
-                continue
-            body, eqn = _eqn_at(jaxpr, k)
-            for v in eqn.invars:
-                hit = None if is_literal(v) else out_to_key.get((k[:-1], v))
-                if hit is not None and _count_uses(hit[1], v) == 1 and hit[0] not in bias_of:
-                    bias_of[hit[0]] = (k, s.leaf)
-                    paired[k] = hit[0]
-                    break
-        leaves = set(matmul.values()) | {leaf for _, leaf in bias_of.values()}
-        return cls(matmul, bias_of, paired, leaves)
+class StructureError(ValueError):
+    """Raised instead of :class:`StructureWarning` under ``strict=True``."""
 
 
 class Chain:
     """The tape of maps recorded by one forward pass; :meth:`backward` applies the rules."""
 
-    def __init__(self, granularity="layer", rcond=None, fallback="error", sites=None):
+    def __init__(self, granularity="layer", rcond=None, fallback="error", structure=None):
         self.granularity = granularity
         self.rcond = rcond
         self.fallback = fallback
-        self.sites = sites or DenseSites.empty()
+        self.structure = structure if structure is not None else Structure({}, {}, 0)
+        self.site_keys = self.structure.keys
+        self.site_prefixes = {k[:j] for k in self.site_keys for j in range(1, len(k))}
+        self.claimed = {leaf for s in self.structure.sites.values() for leaf in s.leaves}
         self.values: dict[int, object] = {}
         self.diff: set[int] = set()
         self.nodes: list[Node] = []
-        self.alias: dict[int, tuple] = {}  # id -> (leaf id, how)
-        self.pending: dict = {}
-        self.leaf_index: dict[int, int] = {}
+        self.pending: dict = {}  # site key -> (input ids, input values)
+        self.leaf_ids: list[int] = []
         self._next = 0
 
     # ---- values ------------------------------------------------------------------------
@@ -210,18 +183,12 @@ class Chain:
     def _layer_eqn(self, eqn, key, ids, vals, diff):
         """Layer-granularity groups; ``None`` when ``eqn`` is not one of them."""
         name = eqn.primitive.name
-        sites = self.sites
-        if name in ("transpose", "broadcast_in_dim") and ids and ids[0] in self.leaf_index:
-            leaf = self.leaf_index[ids[0]]
-            if leaf in sites.leaves:
-                (out,) = self._bind(eqn, vals)
-                i = self.new(out, False)
-                self.alias[i] = (ids[0], name)
-                return [i]
-        if key in sites.matmul:
-            return self._dense_matmul(eqn, key, ids, vals, diff)
-        if key in sites.paired_bias:
-            return self._dense_bias(eqn, key, ids, vals)
+        hit = self.site_keys.get(key)
+        if hit is not None:
+            return self._site_eqn(hit[0], hit[1], ids, vals, eqn)
+        if key in self.site_prefixes and name in CALLS:
+            sub, consts = sub_jaxpr(eqn)
+            return self.run(sub, consts, ids, key)
         if not any(diff):
             return None
         spec = layer_spec(eqn)
@@ -249,51 +216,41 @@ class Chain:
                         )
         return None
 
-    def _dense_matmul(self, eqn, key, ids, vals, diff):
-        (_, rc), _ = eqn.params["dimension_numbers"]
+    def _site_eqn(self, site, role, ids, vals, eqn):
+        """A recognised layer: its anchor records the inputs, its last equation is the map."""
         (out,) = self._bind(eqn, vals)
-        w_id = ids[1]
-        how = self.alias.get(w_id, (w_id, "leaf"))
-        leaf_id = how[0]
-        transposed = (tuple(rc) == (1,)) != (how[1] == "transpose")
-        info = dict(h_id=ids[0], h=vals[0], h_diff=diff[0], w_id=leaf_id, transposed=transposed)
-        if key in self.sites.bias_of:
-            i = self.new(out, False)
-            self.pending[key] = info
-            return [i]
-        return self._dense_node(info, None, None, out)
-
-    def _dense_bias(self, eqn, key, ids, vals):
-        info = self.pending.pop(self.sites.paired_bias[key])
-        b_ids = [self.alias[i][0] for i in ids if i in self.alias]
-        (out,) = self._bind(eqn, vals)
-        return self._dense_node(info, b_ids[0], self.values[b_ids[0]], out)
-
-    def _dense_node(self, info, b_id, b, out):
-        h, h_diff, transposed = info["h"], info["h_diff"], info["transposed"]
-        w = self.values[info["w_id"]]
-        primals = (h, w) if b is None else (h, w, b)
-        diff = (h_diff, True) if b is None else (h_diff, True, True)
-        in_ids = tuple(
-            i for i, d in zip((info["h_id"], info["w_id"], b_id), diff, strict=False) if d
-        )
+        if role == "anchor":
+            self.pending[site.key] = ([ids[i] for i in site.inputs], [vals[i] for i in site.inputs])
+            if site.shift is not None:  # the map ends at the folded shift
+                return [self.new(out, False)]
+        in_ids, in_vals = self.pending.pop(site.key)
+        leaf_ids = [self.leaf_ids[j] for j in site.leaves]
+        primals = (*in_vals, *(self.values[i] for i in leaf_ids))
+        diff = tuple(i in self.diff for i in in_ids) + (True,) * len(leaf_ids)
+        k = len(in_ids)
+        dtype = jnp.result_type(out)
 
         def fn(*d):
             it = iter(d)
-            hh = next(it) if h_diff else h
-            ww = next(it)
-            y = hh @ (ww.T if transposed else ww)
-            if b is not None:
-                y = y + next(it)
-            return (y.astype(jnp.result_type(out)),)
+            full = [next(it) if di else v for v, di in zip(primals, diff, strict=True)]
+            return (site.evaluate(full[:k], full[k:]).astype(dtype),)
 
-        def rule(local, n_out):
-            return dense_rule(h, w, b, h_diff, transposed, n_out[0], local.rcond)
-
-        local = LocalMap("dense", primals, diff, (out,), {}, fn, self.rcond)
+        local = LocalMap(site.name, primals, diff, (out,), {}, fn, self.rcond)
         i = self.new(out, True)
-        self.nodes.append(Node("dense", "dense", rule, local, in_ids, (i,)))
+        node_in = tuple(j for j, d in zip((*in_ids, *leaf_ids), diff, strict=True) if d)
+        rule = site.pattern.layer_rule(site)
+        self.nodes.append(Node(site.name, site.name, rule, local, node_in, (i,)))
         return [i]
+
+    def fallback_leaves(self, out_ids):
+        """Indices of the leaves that reach the outputs through primitive or generic maps."""
+        live, _ = self.live(out_ids)
+        index = {i: j for j, i in enumerate(self.leaf_ids)}
+        out = set()
+        for node in live:
+            if node.kind in ("primitive", "generic"):
+                out |= {index[i] for i in node.in_ids if i in index}
+        return sorted(out)
 
     def _constant(self, eqn, vals):
         return [self.new(o, False) for o in self._bind(eqn, vals)]
@@ -406,30 +363,61 @@ def _where(eqn) -> str:
         return ""
 
 
-def trace_chain(fun, diff_leaves, data_leaves, *, granularity, rcond, fallback, batch=None):
+def trace_chain(fun, diff_leaves, data_leaves, *, granularity, rcond, fallback):
     """Trace ``fun(*diff_leaves, *data_leaves)`` and record its chain of maps.
 
     Returns:
         ``(chain, leaf_ids, out_ids, out_values, out_tree)``.
     """
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*diff_leaves, *data_leaves)
-    nd = len(diff_leaves)
-    sites = None
+    structure = None
     if granularity == "layer":
-        if batch == "auto":
-            avals = closed.out_avals
-            batch = avals[0].shape[0] if len(avals) == 1 and len(avals[0].shape) == 2 else None
-        sites = DenseSites.find(closed.jaxpr, nd, batch)
-    chain = Chain(granularity, rcond, fallback, sites)
-    leaf_ids = []
+        structure = find_structure(closed.jaxpr, len(diff_leaves))
+    chain = Chain(granularity, rcond, fallback, structure)
     for j, leaf in enumerate(diff_leaves):
-        i = chain.new(leaf, is_float(leaf))
-        chain.leaf_index[i] = j
-        leaf_ids.append(i)
+        # A claimed leaf enters its site's map as stored: its layout equations are constants.
+        chain.leaf_ids.append(chain.new(leaf, is_float(leaf) and j not in chain.claimed))
     data_ids = [chain.new(leaf, False) for leaf in data_leaves]
-    out_ids = chain.run(closed.jaxpr, closed.consts, leaf_ids + data_ids)
+    out_ids = chain.run(closed.jaxpr, closed.consts, chain.leaf_ids + data_ids)
     outs = [chain.values[i] for i in out_ids]
-    return chain, leaf_ids, out_ids, outs, jax.tree_util.tree_structure(out_shape)
+    return chain, list(chain.leaf_ids), out_ids, outs, jax.tree_util.tree_structure(out_shape)
+
+
+def report_structure(chain, out_ids, paths, strict=False):
+    """Warn (or raise under ``strict``) when layer granularity found no layer or fell back.
+
+    Args:
+        chain: a layer-granularity :class:`Chain` after its forward pass.
+        out_ids: the output ids.
+        paths: a readable key path per parameter leaf.
+        strict: raise :class:`StructureError` instead of warning.
+    """
+    if chain.granularity != "layer":
+        return
+    messages = []
+    live, _ = chain.live(out_ids)
+    if not any(n.kind not in ("primitive", "generic", "activation") for n in live):
+        messages.append(
+            "layer granularity found no layer (no pattern matched and no natchain.layer "
+            "mark): every map is one primitive"
+        )
+    fell = chain.fallback_leaves(out_ids)
+    if fell:
+        parts = []
+        for j in fell:
+            reason = chain.structure.reason(j) or "no pattern claims it"
+            parts.append(f"{paths[j]} ({reason})")
+        messages.append(
+            "these parameter leaves are split into primitive maps instead of a layer: "
+            + "; ".join(parts)
+            + ". natchain.inspect_structure(model, params, x) shows the whole table"
+        )
+    if not messages:
+        return
+    text = "; ".join(messages) + "."
+    if strict:
+        raise StructureError(text)
+    warnings.warn(text, StructureWarning, stacklevel=4)
 
 
 def check_options(granularity, fallback, rcond):

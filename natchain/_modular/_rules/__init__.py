@@ -1,3 +1,9 @@
 """Natural rules, one file per family of primitives; importing this package registers them."""
 
-from natchain._modular._rules import elementwise, linear, structural  # noqa: F401
+from natchain._modular._rules import (  # noqa: F401
+    conv,
+    elementwise,
+    linear,
+    structural,
+    window,
+)

@@ -100,7 +100,7 @@ register_rule("add_any", _add_rule, elementwise=True)
 _sub_rule = _additive_rule((1, -1))
 register_rule("sub", _sub_rule, elementwise=True)
 
-for _name in ("mul", "div", "max", "min", "pow", "atan2", "select_n", "clamp"):
+for _name in ("mul", "div", "max", "min", "pow", "atan2", "rem", "select_n", "clamp"):
     register_rule(_name, _elementwise_rule, elementwise=True)
 
 for _name in (
@@ -120,6 +120,20 @@ for _name in (
     "cos",
     "abs",
     "erf",
+    "erfc",
+    "erf_inv",
+    "tan",
+    "sinh",
+    "cosh",
+    "asin",
+    "acos",
+    "atan",
+    "asinh",
+    "acosh",
+    "atanh",
+    "cbrt",
+    "lgamma",
+    "digamma",
 ):
     register_rule(_name, _elementwise_rule, elementwise=True)
 
