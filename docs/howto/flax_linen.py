@@ -46,7 +46,8 @@ def rel(a, b):
 exact = nc.natural_gradient(model, params, x, y, fam, solver="pinv")
 gram = nc.natural_gradient(model, params, x, y, fam, solver="gram")
 print(f"gram vs pinv: {rel(gram.value, exact.value):.1e}")  # a pytree like params
-# float32 (eps ≈ 1.2e-7): two direct solves of a system with P = 83 agree to ~1e-6.
+# float32 (eps ≈ 1.2e-7): two direct solves of this small, well-posed system agree to
+# a few eps times its condition number, far below the 1e-4 checked.
 assert rel(gram.value, exact.value) < 1e-4
 # --8<-- [end:exact]
 
