@@ -13,6 +13,7 @@ from natchain._modular._core import is_float, local_jacobian
 from natchain._modular._interpreter import check_options, trace_chain, zeros_for
 from natchain._natural_gradient import natural_gradient
 from natchain._problem import KINDS, check_family, output_factor
+from natchain._sharding import call_on_mesh
 
 METHODS = ("modular", "exact")
 
@@ -247,7 +248,7 @@ def value_and_grad(
         check_float_params(params)
         check_finite(params, "params")
         check_finite(x, "x")
-        loss, nat, stats, eta = modular(params, x, y, key)
+        loss, nat, stats, eta = call_on_mesh(modular, params, x, y, key)
         check_finite(eta, "model output")
         family.check_targets(y, eta)
         return (loss, nat, stats) if return_stats else (loss, nat)
