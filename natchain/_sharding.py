@@ -75,17 +75,6 @@ def call_on_mesh(fn, *args):
         return jax.sharding.auto_axes(fn, axes=axes, out_sharding=PartitionSpec())(*args)
 
 
-def local_copy(value):
-    """A replicated array as this process sees it, so value checks work across hosts.
-
-    An array spread over several processes cannot be read whole by one of them; a
-    replicated one (every output of :func:`call_on_mesh`) has a full copy on each device.
-    """
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        return value.addressable_data(0)
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class GramRows:
     """How ``Gram(rows=...)`` shards the ``N·r × N·r`` system by rows over a mesh axis.
