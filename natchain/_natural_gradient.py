@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from natchain._checks import check_nonnegative, is_concrete
 from natchain._problem import build_problem, check_outputs, validate_inputs
+from natchain._sharding import call_on_mesh
 from natchain._solvers import SOLVERS, AbstractSolver
 from natchain._solvers._base import DEFAULT_MAX_PARAMS, check_dense_size
 
@@ -155,9 +156,8 @@ def natural_gradient(
     solver = make_solver(solver, **solver_options)
     validate_inputs(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
     damped = bool(damping > 0) if is_concrete(damping) else None
-    value, grad, stats, finite = _solve(
-        model, family, solver, kind, num_samples, damped, params, x, y, damping, key
-    )
+    solve = partial(_solve, model, family, solver, kind, num_samples, damped)
+    value, grad, stats, finite = call_on_mesh(solve, params, x, y, damping, key)
     check_outputs(finite)
     return Solution(value, grad, stats)
 

@@ -18,6 +18,7 @@ from natchain._modular._interpreter import (
 )
 from natchain._natural_gradient import natural_gradient
 from natchain._problem import KINDS, check_family, output_factor
+from natchain._sharding import call_on_mesh
 
 METHODS = ("modular", "exact")
 
@@ -256,7 +257,7 @@ def value_and_grad(
         check_float_params(params)
         check_finite(params, "params")
         check_finite(x, "x")
-        loss, nat, stats, eta = modular(params, x, y, key)
+        loss, nat, stats, eta = call_on_mesh(modular, params, x, y, key)
         check_finite(eta, "model output")
         family.check_targets(y, eta)
         return (loss, nat, stats) if return_stats else (loss, nat)

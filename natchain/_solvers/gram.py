@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from natchain._gram import factor_gram
+from natchain._sharding import GramRows, solve_rows
 from natchain._solvers._base import (
     AbstractSolver,
     default_rcond,
@@ -54,11 +55,14 @@ class Gram(AbstractSolver):
         factorization: ``"eigh"`` (pseudo-inverse, reports rank and cut-off),
             ``"cholesky"`` (damped only, fastest) or ``"auto"`` (Cholesky when the damping
             is a positive constant and the Fisher kind keeps ``g`` in range, else eigh).
+        rows: shard the system by rows over a mesh axis: an axis name, a tuple of them,
+            or a :class:`natchain._sharding.GramRows` (docs/sharding.md); ``None``: one
+            matrix, placed by XLA.
     """
 
     name = "gram"
 
-    def __init__(self, rcond=None, structured="auto", factorization="auto"):
+    def __init__(self, rcond=None, structured="auto", factorization="auto", rows=None):
         if structured not in ("auto", True, False):
             raise ValueError(f"structured must be 'auto', True or False; got {structured!r}.")
         if factorization not in ("auto", "eigh", "cholesky"):
@@ -68,6 +72,7 @@ class Gram(AbstractSolver):
         self.rcond = rcond
         self.structured = structured
         self.factorization = factorization
+        self.rows = GramRows.of(rows)
 
     def _use_cholesky(self, problem, damping):
         positive = problem.damped is True
@@ -80,6 +85,8 @@ class Gram(AbstractSolver):
         return self.factorization == "auto" and positive and problem.in_range
 
     def solve(self, problem, damping):
+        if self.rows is not None:
+            return solve_rows(self, problem, damping, _range_coefficients)
         ms = problem.factor
         n, m, r = ms.shape
         cmat, gram_stats = factor_gram(problem, structured=self.structured)
