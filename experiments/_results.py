@@ -117,12 +117,14 @@ class ResultStore:
         self.runs_path = base / experiment / f"{level}.runs.jsonl"
         self.experiment = experiment
         self.level = level
+        # The revision is read before ``fresh`` deletes committed result files, which would
+        # otherwise make a clean checkout look modified.
+        self.git = git_revision()
         if fresh:
             for p in (self.rows_path, self.runs_path):
                 if p.exists():
                     p.unlink()
         self.runs = {r["run"]: r for r in _read_lines(self.runs_path)}
-        self.git = git_revision()
         self.versions = library_versions()
 
     def done(self, method: str, setting: str, seed: int) -> bool:

@@ -103,17 +103,21 @@ def test_experiments_saturation_smoke(tmp_path):
 
 @needs
 def test_experiments_agreement_smoke(tmp_path):
+    from experiments.agreement.run import METRICS
+
     store = _run("agreement", tmp_path)
     rows = store.rows()
-    assert {r["metric"] for r in rows} == {
-        "cosine",
-        "relative_error",
-        "function_error",
-        "verdict_exact",
-    }
-    rel = {r["setting"]: float(r["value"]) for r in rows if r["metric"] == "relative_error"}
-    assert rel["depth=1"] < 1e-8  # one dense layer: the rule is exact
-    assert rel["depth=2"] > 1e-3  # parameters at two layers: it is not
+    assert {r["metric"] for r in rows} == set(METRICS)
+    got = {(r["setting"], r["metric"]): float(r["value"]) for r in rows}
+    assert got["depth=1", "relative_error"] < 1e-8  # one dense layer: the rule is exact
+    assert got["depth=2", "relative_error"] > 1e-3  # parameters at two layers: it is not
+    # ... yet every map has full row rank (batch 4, rank [X 1] = 4), so by the right-inverse
+    # theorem the step solves F n = g and moves the centred logits as the exact one does:
+    # float64 rounding through condition numbers of order 1e2 stays far below 1e-10.
+    assert got["depth=2", "maps_full_row_rank"] == 1.0
+    assert got["depth=2", "function_error"] < 1e-10
+    assert got["depth=2", "fisher_error"] < 1e-10
+    assert got["depth=2", "fisher_residual"] < 1e-10
 
 
 @needs

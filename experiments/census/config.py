@@ -15,7 +15,10 @@ CONDITIONS = (
     dict(
         name="dense_full_row_rank",
         kind="theorem",
-        condition="one dense layer, invertible F_η, J of full row rank (N ≤ d + 1)",
+        condition=(
+            "one dense layer, invertible F_η, generic batch with rank [X 1] = N "
+            "(J of full row rank)"
+        ),
         statement="single-map identity F_θ⁺g = J⁺F_η⁻¹g_η",
         builder=("exact_prone_case", "dense"),
         granularity="layer",
@@ -42,7 +45,10 @@ CONDITIONS = (
     dict(
         name="tanh_over_dense",
         kind="theorem",
-        condition="tanh(xW), N ≤ d: diag(tanh′) invertible, x ⊗ I of full row rank",
+        condition=(
+            "tanh(xW), generic batch with rank X = N (x ⊗ I of full row rank), "
+            "diag(tanh′) invertible"
+        ),
         statement="reverse-order law (Greville 1966) along the chain",
         builder=("exact_prone_case", "tanh"),
         granularity="layer",
@@ -65,6 +71,18 @@ CONDITIONS = (
         builder=("expanding_case",),
         granularity="layer",
         test="test_properties.py::test_breaking_condition_has_counterexample[expanding]",
+    ),
+    dict(
+        name="rank_deficient_batch",
+        kind="counterexample",
+        condition=(
+            "one dense layer fed by a batch with N ≤ d + 1 but rank [X 1] < N (one example "
+            "the mean of two others), non-isotropic F_η"
+        ),
+        statement="(X Xᵀ + 11ᵀ) ⊗ I singular: J not of full row rank, the identity fails",
+        builder=("rank_deficient_batch_case",),
+        granularity="layer",
+        test="test_theory.py::test_theorem_fails_where_the_data_rank_condition_fails",
     ),
     dict(
         name="reverse_order",

@@ -70,10 +70,32 @@ def generated_case(seed: int):
     return s.build_mlp_case(seed, modes=modes, **arch)
 
 
+#: Families of the rank-deficient-batch row (non-isotropic F_η: the Gaussian of fixed scale
+#: is exact for any J, so it is left out).
+RANK_DEFICIENT_FAMILIES = ("bernoulli", "poisson", "categorical", "hetero")
+
+
+def rank_deficient_batch_case(seed: int):
+    """One dense layer, ``d = 3``, ``N = 4 ≤ d + 1`` but ``x_4 = (x_1 + x_2)/2``: rank [X 1] = 3."""
+    s = _strategies()
+    fam = RANK_DEFICIENT_FAMILIES[seed % len(RANK_DEFICIENT_FAMILIES)]
+    case = s.build_mlp_case(seed, family=fam, widths=(), d_in=3, batch=4)
+    x = case.x.at[3].set(0.5 * (case.x[0] + case.x[1]))
+    y = s.sample_targets(case.family, case.model(case.params, x), seed)
+    meta = dict(case.meta, affine_dependent_example=3)
+    return s.Case(case.model, case.params, x, y, case.family, meta)
+
+
+_LOCAL_BUILDERS = {
+    "generated_case": generated_case,
+    "rank_deficient_batch_case": rank_deficient_batch_case,
+}
+
+
 def _builder(spec):
     s = _strategies()
     name, *args = spec
-    fn = generated_case if name == "generated_case" else getattr(s, name)
+    fn = _LOCAL_BUILDERS[name] if name in _LOCAL_BUILDERS else getattr(s, name)
     return lambda seed: fn(seed, *args)
 
 
@@ -307,7 +329,11 @@ def result_paths(level: str, root: Path | None = None) -> dict:
     ``census.<level>.jsonl``/``.md`` otherwise; ``docs/verification.md`` for the full level."""
     root = RESULTS if root is None else Path(root) / "census"
     suffix = "" if level == "full" else f".{level}"
-    paths = {"jsonl": root / f"census{suffix}.jsonl", "md": root / f"census{suffix}.md"}
+    paths = {
+        "jsonl": root / f"census{suffix}.jsonl",
+        "runs": root / f"census{suffix}.runs.jsonl",
+        "md": root / f"census{suffix}.md",
+    }
     if level == "full" and root == RESULTS:
         paths["docs"] = ROOT / "docs" / "verification.md"
     return paths
@@ -319,8 +345,22 @@ def main(level: str = "full", seeds=None, root=None, verbose: bool = True, table
 
     paths = result_paths(level, root)
     if not tables_only:
+        from experiments._results import git_revision, library_versions
+
+        revision, t0 = git_revision(), time.perf_counter()
         rows = run_census(level, seeds, verbose)
         write_rows(rows, paths["jsonl"])
+        record = {
+            "run": f"census|{level}",
+            "level": level,
+            "status": "ok",
+            "rows": len(rows),
+            "git": revision,
+            "versions": library_versions(),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_rows([record], paths["runs"])
     rows = read_rows(paths["jsonl"])
     paths["md"].write_text(tables.census_markdown(rows), encoding="utf-8")
     if "docs" in paths:

@@ -304,8 +304,12 @@ def grad(
     for ``Categorical`` its ``representative`` (``"min_norm"``, ``"ratio"``, ``"pin_last"``)
     picks one of the solutions, and **the choice changes the modular result** — and sends
     it back through the model map by map, ``n_z = J⁺ n_y`` (docs/theory.md §3). It equals the exact
-    natural gradient only where the reverse-order law holds (e.g. one dense layer with an
-    invertible output Fisher and ``N·m ≤ P``); elsewhere it differs, by design.
+    natural gradient only where the reverse-order law holds (e.g. one dense layer fed by data
+    ``X`` with an invertible output Fisher and ``rank [X 1] = N``: its batch-joint Jacobian
+    w.r.t. ``(W, b)`` has ``J Jᵀ = (X Xᵀ + 11ᵀ) ⊗ I``, of full row rank exactly then —
+    ``N ≤ d + 1`` is necessary, not sufficient); elsewhere it differs, by design. Where every
+    map has full row rank it still solves ``F_theta n = g``: a natural gradient, not the
+    minimum-norm one.
 
     Args:
         model: ``model(params, x) -> eta`` of shape ``(N, m)``; ``x`` is data (never

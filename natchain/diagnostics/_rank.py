@@ -34,7 +34,10 @@ A weaker, function-space statement is reported beside the verdict
 (``function_space_exact``): when every map of a verified chain has full row rank and
 ``F_eta`` is invertible, ``E_k E_k⁺ = I`` at every step, so the modular direction ``m``
 satisfies ``J m = n_eta = J e``: it solves ``F_theta n = g`` as the exact ``e`` does and
-differs from it only by a component in ``null(F_theta)`` (not minimum-norm).
+differs from it only by a component in ``null(F_theta)`` (not minimum-norm). For a singular
+``F_eta`` (softmax logits) the same holds up to per-example logit shifts, which this flag
+does not claim. A dense layer fed by data ``X`` has full row rank w.r.t. ``(W, b)`` iff
+``rank [X 1] = N`` (its ``J Jᵀ`` is ``(X Xᵀ + 11ᵀ) ⊗ I``), which ``N ≤ d + 1`` does not ensure.
 """
 
 from __future__ import annotations
