@@ -177,6 +177,86 @@ def shift_positional():  # learned positional embedding (T, d) broadcast over ex
     return model, {"pos": _normal(7, T, D, scale=0.3), "W": _normal(9, D, O)}, XS
 
 
+# ---- convolutions (small images: (N, 4, 4, 2) NHWC, (N, 2, 4, 4) NCHW, (N, 6, 1) NWC) -------
+
+IMG, IMG_NCHW, SIG = _normal(102, N, 4, 4, 2), _normal(103, N, 2, 4, 4), _normal(104, N, 6, 1)
+_NHWC, _NCHW = ("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")
+
+
+def _conv(x, w, dn, strides=(1, 1), padding="VALID", **kw):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn, **kw)
+
+
+def _head(h, w):
+    return jnp.tanh(h).reshape(h.shape[0], -1) @ w
+
+
+def conv_nhwc_bias():  # bias reshaped to (1, 1, 1, c), as Flax adds it
+    def model(p, x):
+        return _head(_conv(x, p["k"], _NHWC, padding="SAME") + p["b"].reshape(1, 1, 1, -1), p["W"])
+
+    p = {"k": _normal(20, 2, 2, 2, 3, scale=0.5), "b": _normal(21, 3, scale=0.1)}
+    return model, p | {"W": _normal(22, 48, O, scale=0.3)}, IMG
+
+
+def conv_nchw_strided():  # NCHW, stride 2, explicit padding, no bias
+    def model(p, x):
+        return _head(_conv(x, p["k"], _NCHW, (2, 2), ((1, 1), (1, 1))), p["W"])
+
+    return model, {"k": _normal(23, 3, 2, 3, 3, scale=0.4), "W": _normal(24, 12, O)}, IMG_NCHW
+
+
+def conv_groups_dilated():  # two feature groups, kernel dilation, bias by broadcast
+    def model(p, x):
+        h = _conv(x, p["k"], _NHWC, rhs_dilation=(1, 2), feature_group_count=2)
+        return _head(h + p["b"], p["W"])
+
+    p = {"k": _normal(25, 2, 2, 1, 4, scale=0.5), "b": _normal(26, 4, scale=0.1)}
+    return model, p | {"W": _normal(27, 24, O, scale=0.3)}, IMG
+
+
+def conv_two_layers():  # the second convolution's input is differentiated: the joint rule
+    def model(p, x):
+        h = jnp.tanh(_conv(x, p["k1"], _NHWC) + p["b1"])
+        return _head(_conv(h, p["k2"], _NHWC) + p["b2"], p["W"])
+
+    p = {"k1": _normal(28, 2, 2, 2, 2, scale=0.5), "b1": _normal(29, 2, scale=0.1)}
+    p |= {"k2": _normal(30, 2, 2, 2, 2, scale=0.5), "b2": _normal(31, 2, scale=0.1)}
+    return model, p | {"W": _normal(32, 8, O, scale=0.3)}, IMG
+
+
+def conv_1d_strided():  # MNIST-1D's spelling: NWC, kernel 3, stride 2, padding 1
+    def model(p, x):
+        h = _conv(x, p["k"], ("NWC", "WIO", "NWC"), (2,), ((1, 1),)) + p["b"]
+        return _head(h, p["W"])
+
+    p = {"k": _normal(33, 3, 1, 3, scale=0.5), "b": _normal(34, 3, scale=0.1)}
+    return model, p | {"W": _normal(35, 9, O, scale=0.3)}, SIG
+
+
+def conv_flax_linen():
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = jnp.tanh(fnn.Conv(3, (2, 2))(x))
+            return fnn.Dense(O)(h.reshape(h.shape[0], -1))
+
+    net = Net()
+    return net.apply, _f64(net.init(jax.random.PRNGKey(7), IMG)), IMG
+
+
+def conv_equinox():  # per example under vmap; the (c, 1, 1) bias follows a squeeze
+    conv = eqx.nn.Conv2d(2, 3, 2, key=jax.random.PRNGKey(8))
+    lin = eqx.nn.Linear(27, O, key=jax.random.PRNGKey(9))
+    params, static = eqx.partition((conv, lin), eqx.is_inexact_array)
+
+    def one(p, x):
+        c, li = eqx.combine(p, static)
+        return li(jnp.tanh(c(x)).reshape(-1))
+
+    return lambda p, x: jax.vmap(lambda xi: one(p, xi))(x), params, IMG_NCHW
+
+
 class LayerCase(NamedTuple):
     pattern: str  # the pattern the row is about
     spelling: str
@@ -201,6 +281,13 @@ LAYER_CASES = [
     LayerCase("scale", "flax LayerNorm", scale_flax_layernorm, ("scale", "shift", "dense")),
     LayerCase("shift", "h+b", shift_alone, ("dense", "shift", "dense")),
     LayerCase("shift", "x+pos", shift_positional, ("shift", "dense")),
+    LayerCase("conv", "NHWC + reshaped bias", conv_nhwc_bias, ("conv", "dense")),
+    LayerCase("conv", "NCHW stride 2 pad 1", conv_nchw_strided, ("conv", "dense")),
+    LayerCase("conv", "groups, dilation", conv_groups_dilated, ("conv", "dense")),
+    LayerCase("conv", "conv -> conv", conv_two_layers, ("conv", "conv", "dense")),
+    LayerCase("conv", "1-D NWC stride 2", conv_1d_strided, ("conv", "dense")),
+    LayerCase("conv", "flax linen", conv_flax_linen, ("conv", "dense")),
+    LayerCase("conv", "equinox vmap", conv_equinox, ("conv", "shift", "dense")),
 ]
 
 
