@@ -137,6 +137,36 @@ def _closed(body):
     return jex_core.ClosedJaxpr(body[0], body[1])
 
 
+def site_blocks(problem):
+    """Each kept site's ``(N·r, N·r)`` block of ``C``: ``{key: (site, block)}``."""
+    ms = problem.factor
+    n, m, r = ms.shape
+    params = problem.unravel(problem.flat)
+    closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
+    sites = {k: structure.sites[k] for k in kept}
+    leaves = jax.tree_util.tree_leaves(params)
+    x_leaves = jax.tree_util.tree_leaves(problem.x)
+    taps0 = {s.tap_key: jnp.zeros(s.out_shape, problem.eta.dtype) for s in sites.values()}
+
+    def f_taps(taps):
+        record = {}
+        (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
+        return eta, record
+
+    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
+    ds = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(ms, 2, 0))
+    blocks = {}
+    for key, site in sites.items():
+        in_axes, out_axis = kept[key]
+        cot = ds[site.tap_key]
+        if site.shift is not None and site.shift.post_perm:
+            inv = np.argsort(site.shift.post_perm)
+            cot = jnp.transpose(cot, (0, *(1 + int(a) for a in inv)))
+        data = GramData(recorded[key], in_axes, cot, out_axis)
+        blocks[key] = (site, site.pattern.gram(site, data).astype(problem.eta.dtype))
+    return blocks
+
+
 def factor_gram(problem, structured="auto"):
     """``C = B Bᵀ`` with ``B = Mᵀ J`` (``(N·r, N·r)``) and statistics on how it was built.
 
@@ -149,35 +179,16 @@ def factor_gram(problem, structured="auto"):
         ``(C, stats)`` with ``stats["structured_params"]``: how many of the ``P``
         parameters were covered by per-layer structure.
     """
-    ms = problem.factor
-    n, m, r = ms.shape
+    n, m, r = problem.factor.shape
     if structured is False:
         b = problem.factor_jacobian()
         return b @ b.T, {"structured_params": jnp.asarray(0)}
-    params = problem.unravel(problem.flat)
-    closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
-    sites = {k: structure.sites[k] for k in kept}
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    x_leaves = jax.tree_util.tree_leaves(problem.x)
-    taps0 = {s.tap_key: jnp.zeros(s.out_shape, problem.eta.dtype) for s in sites.values()}
-
-    def f_taps(taps):
-        record = {}
-        (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
-        return eta, record
-
-    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
-    ds = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(ms, 2, 0))
+    blocks = site_blocks(problem)
+    leaves, treedef = jax.tree_util.tree_flatten(problem.unravel(problem.flat))
     cmat = jnp.zeros((n * r, n * r), problem.eta.dtype)
-    for key, site in sites.items():
-        in_axes, out_axis = kept[key]
-        cot = ds[site.tap_key]
-        if site.shift is not None and site.shift.post_perm:
-            inv = np.argsort(site.shift.post_perm)
-            cot = jnp.transpose(cot, (0, *(1 + int(a) for a in inv)))
-        data = GramData(recorded[key], in_axes, cot, out_axis)
-        cmat = cmat + site.pattern.gram(site, data).astype(cmat.dtype)
-    covered = {leaf for s in sites.values() for leaf in s.leaves}
+    for _, block in blocks.values():
+        cmat = cmat + block
+    covered = {leaf for site, _ in blocks.values() for leaf in site.leaves}
     rest = [i for i in range(len(leaves)) if i not in covered]
     if rest:
         cmat = cmat + _fallback_gram(problem, leaves, treedef, rest).reshape(n * r, n * r)
