@@ -39,6 +39,10 @@ FAMILY = nc.Categorical()
 N, WIDTHS = 16, (6, 12, 3)
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 _TANH = re.compile(r"= f64\[([\d,]*)\]\{[^}]*\} tanh\(")
+_COLLECTIVE = re.compile(
+    r"= (\([^)]*\)|[a-z0-9]+\[[\d,]*\])\S* "
+    r"(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\("
+)
 
 
 def _exact(solver, damping=0.0):
@@ -115,7 +119,11 @@ def route_rows():
             with jax.set_mesh(mesh):
                 compiled = jax.jit(fn).lower(params, xs, ys).compile()
                 value = compiled(params, xs, ys)
-            shapes = sorted({m.group(1) for m in _TANH.finditer(compiled.as_text())})
+            text = compiled.as_text()
+            shapes = sorted({m.group(1) for m in _TANH.finditer(text)})
+            collectives = sorted(
+                {f"{m[2]} {re.sub(r'[{][^}]*[}]', '', m[1])}" for m in _COLLECTIVE.finditer(text)}
+            )
             rows.append(
                 {
                     "route": name,
@@ -123,6 +131,7 @@ def route_rows():
                     "rel_diff": _rel(value, ref),
                     "finite": all(bool(np.isfinite(v).all()) for v in jax.tree.leaves(value)),
                     "tanh_shapes": shapes,
+                    "collectives": collectives,
                     "seconds": time.perf_counter() - t0,
                 }
             )
