@@ -87,6 +87,22 @@ def test_sharded_route_runs_per_example_work_on_its_rows(table, route, mode):
         assert int(shape.split(",")[0]) == N // DEVICES, shapes
 
 
+P, R = 6 * 12 + 12 + 12 * 3 + 3, 2  # parameters of the 6-12-3 MLP; Categorical(3): r = m − 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("route", ["gram_rows_factorised", "gram_rows_cg"])
+def test_row_sharded_gram_never_gathers_the_jacobian_rows(table, route, mode):
+    collectives = _row(table, route, mode)["collectives"]
+    block = f"f64[{N * R // DEVICES},{P}]"
+    # the rows B_i = M_iᵀ J_i move only around the ring, one device's block at a time ...
+    assert f"collective-permute {block}" in collectives, collectives
+    assert not any(c.startswith("all-gather") and f",{P}]" in c for c in collectives)
+    # ... and the iterative solve never gathers the system: only N·r vectors
+    system = f"all-gather f64[{N * R},{N * R}]"
+    assert (system in collectives) == (route == "gram_rows_factorised"), collectives
+
+
 def test_row_sharded_gram_memory_falls_as_one_over_devices(table):
     rows = {r["devices"]: r for r in table["memory"]}
     assert sorted(rows) == [1, 2, 4]
