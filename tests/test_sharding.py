@@ -35,6 +35,7 @@ ROUTES = (
     "optimiser_modular",
 )
 MODES = ("auto", "explicit")
+EAGER = ("gram", "modular_layer")
 DEVICES, N = 4, 16
 
 
@@ -63,7 +64,14 @@ def test_sharding_table_covers_every_route_and_mode(table):
     assert table["devices"] == DEVICES and table["n"] == N
     assert {(r["route"], r["mode"]) for r in table["routes"]} == {
         (a, b) for a in ROUTES for b in MODES
-    }
+    } | {(a, "explicit_eager") for a in EAGER}
+
+
+@pytest.mark.parametrize("route", EAGER)
+def test_sharded_route_called_eagerly_in_explicit_mode_equals_single_device(table, route):
+    # outside jit the entry point's value checks read the sharded arrays, and the wrapper
+    # runs on concrete arrays rather than tracers; tolerance as below
+    assert _row(table, route, "explicit_eager")["rel_diff"] <= 1e-10
 
 
 @pytest.mark.parametrize("mode", MODES)
