@@ -12,6 +12,11 @@ Usage::
 
     python benchmarks/bench.py                 # writes benchmarks/README.md and results.json
     python benchmarks/bench.py --quick         # fewer repetitions, prints only
+    python benchmarks/bench.py --devices 4     # the batch sharded over 4 devices
+
+With ``--devices D`` each batch is sharded over a mesh of ``D`` devices (explicit axes);
+on CPU these are forced host devices, which share the machine's cores: their times show
+that the sharded program runs, not a speed-up. The device count is recorded.
 """
 
 from __future__ import annotations
@@ -25,11 +30,27 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-import natchain as nc
+def _devices_from_argv(argv) -> int:
+    """``--devices D`` read before JAX starts (forced host devices must be set first)."""
+    for i, arg in enumerate(argv):
+        if arg == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--devices="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+if __name__ == "__main__" and _devices_from_argv(sys.argv[1:]) > 1:
+    _flag = f"--xla_force_host_platform_device_count={_devices_from_argv(sys.argv[1:])}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, PartitionSpec  # noqa: E402
+
+import natchain as nc  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LR = 0.1
@@ -207,16 +228,37 @@ def time_call(fn, args, reps):
     return statistics.median(times), out
 
 
-def run(batches, reps):
+def _mesh(devices):
+    if devices > jax.device_count():
+        raise SystemExit(f"--devices {devices}: only {jax.device_count()} devices available")
+    return jax.make_mesh(
+        (devices,), ("batch",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:devices]
+    )
+
+
+def run(batches, reps, devices=1):
+    if devices == 1:  # the plain single-device program, no mesh
+        return _run(batches, reps, devices)
+    with jax.set_mesh(_mesh(devices)):
+        return _run(batches, reps, devices)
+
+
+def _run(batches, reps, devices):
     key = jax.random.PRNGKey(0)
     params = init_mlp(key)
     rows = []
     for n in batches:
+        if n % devices:
+            print(f"batch {n:4d}  skipped: not divisible by {devices} devices", flush=True)
+            continue
         kx, ky, kk = jax.random.split(jax.random.fold_in(key, n), 3)
         x = jax.random.normal(kx, (n, 784), jnp.float32)
         y = jax.random.randint(ky, (n,), 0, 10)
+        if devices > 1:
+            x, y = (jax.device_put(a, PartitionSpec("batch")) for a in (x, y))
         t_sgd, _ = time_call(sgd_step(), (params, x, y), reps)
-        rows += _time_routes("mlp", n, routes(), params, x, y, kk, t_sgd, reps)
+        new = _time_routes("mlp", n, routes(), params, x, y, kk, t_sgd, reps)
+        rows += [dict(r, devices=devices) for r in new]
     return rows
 
 
@@ -259,7 +301,7 @@ def run_cnn(batch, reps):
     return _time_routes("mnist1d cnn", batch, cnn_routes(), params, x, y, key, t_sgd, reps)
 
 
-def environment():
+def environment(devices=1):
     try:
         import jaxlib
 
@@ -277,6 +319,7 @@ def environment():
         "natchain": nc.__version__,
         "device": str(jax.devices()[0]),
         "load_average": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "devices": devices,
     }
 
 
@@ -333,6 +376,15 @@ def write_readme(rows, env, reps):
         "the gram route's cost is dominated by the Cholesky factorisation of its",
         "N·(m−1) × N·(m−1) system. How the costs grow with batch size and width:",
         "`python -m experiments cost` (results/cost/).",
+        *(
+            [
+                f"The batch is sharded over {env['devices']} devices; on CPU these are forced "
+                "host devices sharing the machine's cores,",
+                "so the times show correctness, not speed.",
+            ]
+            if env.get("devices", 1) > 1
+            else []
+        ),
         "",
         *_table(mlp_rows),
     ]
@@ -379,10 +431,13 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="5 repetitions, print only")
     parser.add_argument("--cnn-batch", type=int, default=32, help="MNIST-1D CNN batch (0: skip)")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="shard each batch over this many devices"
+    )
     args = parser.parse_args(argv)
     reps = 5 if args.quick else args.reps
-    env_start = environment()  # the load average before the run
-    rows = run(args.batches, reps)
+    env_start = environment(args.devices)  # the load average before the run
+    rows = run(args.batches, reps, args.devices)
     if args.cnn_batch:
         rows += run_cnn(args.cnn_batch, reps)
     if not args.quick:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m experiments <name> [--quick | --smoke] [--seeds 0 1 2]``.
+"""Command line: ``python -m experiments <name> [--quick | --smoke] [--seeds 0 1 2] [--devices D]``.
 
 Levels: the default is the full run the paper uses; ``--quick`` is a small version of a
 couple of minutes on a laptop CPU; ``--smoke`` is a seconds-long version for the tests.
@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,18 @@ from experiments import EXPERIMENTS
 def available() -> list[str]:
     """Experiments present in this checkout."""
     return [n for n in EXPERIMENTS if importlib.util.find_spec(f"experiments.{n}") is not None]
+
+
+def use_devices(parser, count: int) -> None:
+    """Make ``count`` devices visible: forced host devices on CPU, set before JAX starts."""
+    if count < 1:
+        parser.error(f"--devices must be >= 1; got {count}")
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    import jax
+
+    if jax.device_count() < count:
+        parser.error(f"--devices {count}: only {jax.device_count()} devices are available")
 
 
 def main(argv=None) -> int:
@@ -40,7 +53,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="run the hyper-parameter sweep (where one exists)"
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="devices to run on (on CPU: forced host devices, which share the machine's "
+        "cores, so timings do not speed up); recorded with every run",
+    )
     args = parser.parse_args(argv)
+    if args.devices is not None:
+        use_devices(parser, args.devices)
     lvl = "smoke" if args.smoke else "quick" if args.quick else "full"
     run = importlib.import_module(f"experiments.{args.name}.run")
     options = dict(

@@ -5,8 +5,8 @@ A result file ``results/<experiment>/<level>.jsonl`` holds one JSON object per l
 ``{"method", "setting", "seed", "step", "metric", "value", "run"}``
 
 — one measured number per row. ``run`` names the run the row belongs to; the run's
-configuration, git revision, library versions, status (``ok``, ``diverged``, ``error``)
-and wall time are stored once per run in ``<level>.runs.jsonl``. A run is a
+configuration, git revision, library versions, status (``ok``, ``diverged``, ``error``),
+device count and wall time are stored once per run in ``<level>.runs.jsonl``. A run is a
 ``(method, setting, seed)`` triple: it is written whole, rows first and then its run
 record, each file rewritten to a temporary file and moved into place with
 ``os.replace``, so an interrupted experiment loses at most the run in progress and a
@@ -68,6 +68,13 @@ def library_versions() -> dict:
     return out
 
 
+def device_count() -> int:
+    """How many devices JAX sees (``python -m experiments ... --devices D`` sets it)."""
+    import jax
+
+    return jax.device_count()
+
+
 def _clean(value):
     """JSON-safe floats: NaN and infinities are written as strings (honest, parseable)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -126,6 +133,7 @@ class ResultStore:
                     p.unlink()
         self.runs = {r["run"]: r for r in _read_lines(self.runs_path)}
         self.versions = library_versions()
+        self.devices = device_count()
 
     def done(self, method: str, setting: str, seed: int) -> bool:
         """Whether this run is already recorded (it is then skipped on resume)."""
@@ -175,6 +183,7 @@ class ResultStore:
             ],
             "git": self.git,
             "versions": self.versions,
+            "devices": self.devices,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         _atomic_write(self.runs_path, [json.dumps(r, sort_keys=True) for r in self.runs.values()])

@@ -12,11 +12,12 @@ XLA inserts for the products over the batch (docs/sharding.md lists them per rou
 **The Gram system by rows.** ``Gram(rows=axis)`` builds ``C = B Bᵀ`` (``B = Mᵀ J``, one
 block of ``r`` rows per example) with each device holding the rows of its own examples:
 its ``B`` rows come from per-example backward passes on its shard, and the other
-devices' rows visit it one block at a time around a ring (``ppermute``), so no device ever
-holds more than two blocks of ``B``. The system is then solved by a factorisation of the
-gathered ``C`` when it fits (``max_dense_bytes``), else by conjugate gradient on the
-row-sharded ``C + λI`` (one ``all_gather`` of an ``N·r`` vector per step), so each device
-holds ``(N·r)²/D`` numbers of the system.
+devices' rows visit it one block at a time around a ring (``ppermute``), so a device holds
+its own block of ``B`` and the visiting one (and the next, in transit), never all of
+``B``. The system is then solved by a factorisation of the gathered ``C`` when it fits
+(``max_dense_bytes``), else by conjugate gradient on the row-sharded ``C + λI`` (one
+``all_gather`` of an ``N·r`` vector per step), so each device holds ``(N·r)²/D`` numbers
+of the system.
 """
 
 from __future__ import annotations

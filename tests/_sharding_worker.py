@@ -39,6 +39,10 @@ FAMILY = nc.Categorical()
 N, WIDTHS = 16, (6, 12, 3)
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 _TANH = re.compile(r"= f64\[([\d,]*)\]\{[^}]*\} tanh\(")
+_COLLECTIVE = re.compile(
+    r"= (\([^)]*\)|[a-z0-9]+\[[\d,]*\])\S* "
+    r"(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\("
+)
 
 
 def _exact(solver, damping=0.0):
@@ -78,6 +82,11 @@ ROUTES = {
 }
 
 
+#: Routes also called eagerly (outside ``jit``) in explicit mode: those whose products over
+#: the batch axis explicit mode refuses.
+EAGER = ("gram", "modular_layer")
+
+
 def _rel(a, b):
     a, b = (np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(t)]) for t in (a, b))
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -115,7 +124,11 @@ def route_rows():
             with jax.set_mesh(mesh):
                 compiled = jax.jit(fn).lower(params, xs, ys).compile()
                 value = compiled(params, xs, ys)
-            shapes = sorted({m.group(1) for m in _TANH.finditer(compiled.as_text())})
+            text = compiled.as_text()
+            shapes = sorted({m.group(1) for m in _TANH.finditer(text)})
+            collectives = sorted(
+                {f"{m[2]} {re.sub(r'[{][^}]*[}]', '', m[1])}" for m in _COLLECTIVE.finditer(text)}
+            )
             rows.append(
                 {
                     "route": name,
@@ -123,9 +136,15 @@ def route_rows():
                     "rel_diff": _rel(value, ref),
                     "finite": all(bool(np.isfinite(v).all()) for v in jax.tree.leaves(value)),
                     "tanh_shapes": shapes,
+                    "collectives": collectives,
                     "seconds": time.perf_counter() - t0,
                 }
             )
+        if name in EAGER:  # called outside jit, on concrete explicitly sharded arrays
+            mesh, xs, ys = _sharded(AxisType.Explicit, 4, x, y)
+            with jax.set_mesh(mesh):
+                value = fn(params, xs, ys)
+            rows.append({"route": name, "mode": "explicit_eager", "rel_diff": _rel(value, ref)})
     return rows
 
 
