@@ -25,6 +25,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from generate import (  # noqa: E402
+    AGREEMENT_FLOOR,
+    AGREEMENT_INPUT_DIM,
     COST_ROUTES,
     COST_WIDTH,
     FISHER_METHODS,
@@ -39,6 +41,17 @@ from generate import (  # noqa: E402
 )
 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 6.5})
+plt.rcParams["svg.hashsalt"] = "natchain"  # deterministic ids, should SVG ever be written
+
+#: No dates and no tool versions in the files: regenerating a figure from the same results
+#: gives the same bytes (with the same matplotlib), so a rebuild leaves the checkout clean.
+_METADATA = {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None}
+
+
+def save(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` (PDF) without time stamps, and close it."""
+    fig.savefig(path, metadata=_METADATA, bbox_inches="tight")
+    plt.close(fig)
 
 
 def training_curves(results: Path, out: Path):
@@ -88,11 +101,10 @@ def training_curves(results: Path, out: Path):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("training loss")
-    axes[0, 0].legend(loc="best")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     path = out / "training_curves.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -119,8 +131,7 @@ def fisher_field(results: Path, out: Path):
     axes[0].set_ylabel("$b$")
     fig.tight_layout()
     path = out / "fisher_field.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -141,8 +152,7 @@ def fisher_one_step(results: Path, out: Path):
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path = out / "fisher_one_step.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -157,7 +167,7 @@ def saturation(results: Path, out: Path):
         rc, sc = r["setting"].split("|")
         key = (r["method"], rc.split("=")[1])
         groups.setdefault(key, {}).setdefault(float(sc.split("=")[1]), []).append(float(r["value"]))
-    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    fig, ax = plt.subplots(figsize=(5.6, 2.8))
     for (method, rc), by_scale in sorted(groups.items()):
         scales = sorted(by_scale)
         ax.plot(
@@ -175,50 +185,54 @@ def saturation(results: Path, out: Path):
         ylabel=r"$\|n_{\mathrm{mod}}\| / \|n_{\mathrm{exact}}\|$ (median)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=5.5, ncol=2)
+    ax.legend(fontsize=5.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     path = out / "saturation.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
 def agreement(results: Path, out: Path):
+    """Batch sweep: gauge-invariant errors against N (rank threshold dashed), and cosines."""
     level, rows, _ = load(results, "agreement")
     if level is None:
         return None
-    factors = ("depth", "width", "batch", "activation", "family", "granularity")
-    present = [f for f in factors if any(r["setting"].startswith(f + "=") for r in rows)]
-    fig, axes = plt.subplots(
-        1, len(present), figsize=(1.2 * len(present) + 1.2 * 3, 2.4), squeeze=False, sharey=True
-    )
-    for ax, factor in zip(axes[0], present, strict=True):
-        values = sorted(
-            {r["setting"].split("=")[1] for r in rows if r["setting"].startswith(factor + "=")},
-            key=lambda v: (
-                not v.replace(".", "").isdigit(),
-                float(v) if v.replace(".", "").isdigit() else 0,
-                v,
-            ),
+    pts = {}
+    for r in rows:
+        if r["setting"].startswith("batch="):
+            b = int(r["setting"].split("=")[1])
+            pts.setdefault(b, {}).setdefault(r["metric"], []).append(float(r["value"]))
+    batches = sorted(b for b in pts if "fisher_error" in pts[b])
+    if not batches:
+        return None
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.0, 2.6))
+    floor = AGREEMENT_FLOOR
+    for metric, label in (
+        ("function_error", "function space (centred)"),
+        ("fisher_error", "Fisher norm"),
+    ):
+        vals = [np.maximum(pts[b][metric], floor) for b in batches]
+        (line,) = ax.plot(batches, [np.median(v) for v in vals], marker="o", ms=3, label=label)
+        ax.fill_between(
+            batches,
+            [v.min() for v in vals],
+            [v.max() for v in vals],
+            color=line.get_color(),
+            alpha=0.15,
         )
-        data = [
-            [
-                float(r["value"])
-                for r in rows
-                if r["setting"] == f"{factor}={v}" and r["metric"] == "cosine"
-            ]
-            for v in values
-        ]
-        ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
-        ax.set_xticks(range(1, len(values) + 1), values, rotation=40, fontsize=6)
-        ax.set_title(factor)
-        ax.set_ylim(-1.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("cosine(modular, exact)")
+    ax.axvline(AGREEMENT_INPUT_DIM + 1, color="k", ls="--", lw=0.8, label="$N = d + 1$")
+    ax.set(xscale="log", yscale="log", xlabel="batch size $N$", ylabel="relative error")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    bx.boxplot([pts[b]["cosine"] for b in batches], showfliers=True, flierprops={"markersize": 2})
+    bx.set_xticks(range(1, len(batches) + 1), [str(b) for b in batches])
+    bx.set(xlabel="batch size $N$", ylabel="cosine(modular, exact)", ylim=(-1.05, 1.05))
+    bx.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "agreement.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -248,8 +262,7 @@ def cost(results: Path, out: Path):
     ax.legend()
     fig.tight_layout()
     path = out / "cost.pdf"
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 
@@ -258,8 +271,7 @@ def placeholder(path: Path, what: str) -> Path:
     fig, ax = plt.subplots(figsize=(4, 1.2))
     ax.axis("off")
     ax.text(0.5, 0.5, f"no results yet for {what}", ha="center", va="center")
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return path
 
 

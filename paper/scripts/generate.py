@@ -5,7 +5,7 @@ Writes, into ``--out`` (default ``paper/generated``):
 - ``numbers.tex``: one ``\\newcommand`` per number quoted in the text;
 - ``training_table.tex``: final training loss, test metric and time per step ÷ SGD;
 - ``fisher_kinds_table.tex``: distance to the optimum after one unit step per Fisher kind;
-- ``census_table.tex``: the census's Markdown table as LaTeX, when ``results/census`` has one.
+- ``census_table.tex``: the census (``results/census/census.jsonl``) as a LaTeX table.
 
 Each experiment is read at its ``full`` level when that exists, else ``quick``. Output is
 deterministic (sorted keys, fixed formatting), so regenerating from committed results
@@ -71,6 +71,11 @@ def load(results: Path, experiment: str):
 
 def _value(v) -> float:
     return float(v)  # non-finite values are stored as the strings "nan", "inf"
+
+
+def _committed(revision) -> bool:
+    """Whether a run record names a committed revision (not ``+dirty``, not unknown)."""
+    return bool(revision) and revision != "unknown" and not str(revision).endswith("+dirty")
 
 
 # ---- formatting ---------------------------------------------------------------------------------
@@ -187,6 +192,10 @@ def training_numbers(level, summary, runs) -> dict:
     steps = sorted({r["config"].get("steps") for r in runs.values() if r.get("config")})
     nums[macro_name("training", "steps")] = str(steps[-1]) if steps else "n/a"
     nums[macro_name("training", "level")] = level or "none"
+    nums[macro_name("training", "runs")] = str(len(runs))
+    nums[macro_name("training", "dirty", "runs")] = str(
+        sum(1 for r in runs.values() if not _committed(r.get("git")))
+    )
     for method in TRAINING_METHODS:  # the values chosen on digits (the full sweep)
         lrs = sorted(
             {
@@ -367,28 +376,46 @@ def agreement_summary(rows):
 AGREE = 1e-6
 
 
+def _pct(values) -> str:
+    return fmt(100 * float(np.mean(values)), 3) + r"\%"
+
+
 def agreement_table(summary) -> str:
+    """Per point: N, rank [X 1], the theorem's hypothesis, and the gauge-invariant errors."""
     if not summary:
         return "% no agreement results\n"
     lines = [
-        r"\begin{tabular}{lcccc}",
+        r"\begin{tabular}{lcccccccc}",
         r"\toprule",
-        r"point & median cosine & median function-space error & agree & exact by theorem \\",
+        r"point & $N$ & $\operatorname{rank}[X\ 1]$ & hyp. & cos & "
+        r"$\|m\|/\|e\|$ & function space & Fisher norm & $\max \|Fm-g\|/\|g\|$ \\",
         r"\midrule",
     ]
     for setting in sorted(summary, key=_agreement_order):
         d = summary[setting]
-        agree = 100 * float(np.mean(np.asarray(d["relative_error"]) <= AGREE))
+        if "fisher_error" not in d:
+            continue
+        factor, value = setting.split("=")
+        n = value if factor == "batch" else str(AGREEMENT_BASE_BATCH)
+        ranks = "/".join(str(int(r)) for r in sorted(set(d["data_rank"])))
         lines.append(
-            rf"\texttt{{{setting}}} & {fmt(float(np.median(d['cosine'])), 2)} & "
-            rf"{fmt(float(np.median(d['function_error'])), 2)} & {fmt(agree, 3)}\% & "
-            rf"{fmt(100 * float(np.mean(d['verdict_exact'])), 3)}\% \\"
+            rf"\texttt{{{setting}}} & {n} & {ranks} & {_pct(d['maps_full_row_rank'])} & "
+            rf"{fmt(float(np.median(d['cosine'])), 2)} & "
+            rf"{fmt(float(np.median(d['norm_ratio'])), 2)} & "
+            rf"{fmt(float(np.median(d['function_error'])), 2)} & "
+            rf"{fmt(float(np.median(d['fisher_error'])), 2)} & "
+            rf"{fmt(float(np.max(d['fisher_residual'])), 2)} \\"
         )
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
-_FACTORS = ("depth", "width", "batch", "activation", "family", "granularity")
+_FACTORS = ("depth", "width", "batch", "activation", "family", "granularity", "data")
+#: The base point's batch size and input width (experiments/agreement/config.py).
+AGREEMENT_BASE_BATCH = 4
+AGREEMENT_INPUT_DIM = 4
+#: Floor of the agreement figure's log axis (errors at exact zero are drawn there).
+AGREEMENT_FLOOR = 1e-17
 
 
 def _agreement_order(setting):
@@ -397,113 +424,192 @@ def _agreement_order(setting):
     return (_FACTORS.index(factor) if factor in _FACTORS else 99, num, value)
 
 
+def _draws(summary, metric):
+    """Every draw's value of ``metric`` with its hypothesis flag, over all points."""
+    out = []
+    for d in summary.values():
+        if metric in d and "maps_full_row_rank" in d:
+            out += list(zip(d["maps_full_row_rank"], d[metric], strict=True))
+    return out
+
+
 def agreement_numbers(summary, runs) -> dict:
     nums = {macro_name("agreement", "seeds"): str(len({r["seed"] for r in runs.values()}))}
     nums[macro_name("agreement", "threshold")] = fmt(AGREE, 1)
     nums[macro_name("agreement", "points")] = str(len(summary))
+    nums[macro_name("agreement", "rank", "threshold")] = str(AGREEMENT_INPUT_DIM + 1)
+    nums[macro_name("agreement", "input", "dim")] = str(AGREEMENT_INPUT_DIM)
+    nums[macro_name("agreement", "base", "batch")] = str(AGREEMENT_BASE_BATCH)
+    nums[macro_name("agreement", "floor")] = fmt(AGREEMENT_FLOOR, 1)
     for setting in (
         "depth=1",
         "depth=2",
         "depth=4",
+        "width=2",
         "batch=1",
+        "batch=4",
+        "batch=5",
+        "batch=6",
         "batch=8",
         "batch=16",
+        "activation=relu",
         "activation=identity",
         "granularity=primitive",
         "family=gaussian",
         "family=bernoulli",
         "family=poisson",
         "family=categorical",
+        "data=affine",
     ):
         d = summary.get(setting, {})
         key = setting.replace("=", " ")
-        cos = d.get("cosine", [])
-        nums[macro_name("agreement", key, "cos")] = fmt(float(np.median(cos)), 2) if cos else "n/a"
-        fe = d.get("function_error", [])
-        nums[macro_name("agreement", key, "ferr")] = fmt(float(np.median(fe)), 2) if fe else "n/a"
+        for metric, label in (
+            ("cosine", "cos"),
+            ("function_error", "ferr"),
+            ("fisher_error", "fisher"),
+            ("norm_ratio", "ratio"),
+        ):
+            v = d.get(metric, [])
+            nums[macro_name("agreement", key, label)] = fmt(float(np.median(v)), 2) if v else "n/a"
         rel = d.get("relative_error", [])
         nums[macro_name("agreement", key, "agree")] = (
             fmt(100 * float(np.mean(np.asarray(rel) <= AGREE)), 3) if rel else "n/a"
         )
-    nums[macro_name("agreement", "threshold")] = fmt(AGREE, 1)
+        hyp = d.get("maps_full_row_rank", [])
+        nums[macro_name("agreement", key, "hyp")] = (
+            fmt(100 * float(np.mean(hyp)), 3) if hyp else "n/a"
+        )
     verdicts = [v for d in summary.values() for v in d.get("verdict_exact", [])]
     nums[macro_name("agreement", "verdict", "exact", "count")] = str(int(sum(verdicts)))
     nums[macro_name("agreement", "total")] = str(len(verdicts))
+    fn_verdicts = [v for d in summary.values() for v in d.get("verdict_function_space", [])]
+    nums[macro_name("agreement", "verdict", "function", "count")] = str(int(sum(fn_verdicts)))
+    # The theorem across every draw: where every map has full row rank, and where not.
+    res = _draws(summary, "fisher_residual")
+    held = [v for h, v in res if h]
+    failed = [v for h, v in res if not h]
+    nums[macro_name("agreement", "hyp", "count")] = str(len(held))
+    nums[macro_name("agreement", "residual", "max", "hyp")] = fmt(max(held), 2) if held else "n/a"
+    nums[macro_name("agreement", "residual", "median", "nohyp")] = (
+        fmt(float(np.median(failed)), 2) if failed else "n/a"
+    )
+    nums[macro_name("agreement", "residual", "min", "nohyp")] = (
+        fmt(min(failed), 2) if failed else "n/a"
+    )
+    ferr = [v for h, v in _draws(summary, "function_error") if h]
+    nums[macro_name("agreement", "ferr", "max", "hyp")] = fmt(max(ferr), 2) if ferr else "n/a"
+    cos = [v for h, v in _draws(summary, "cosine") if h]
+    nums[macro_name("agreement", "cos", "min", "hyp")] = fmt(min(cos), 2) if cos else "n/a"
+    ratio = [v for h, v in _draws(summary, "norm_ratio") if h]
+    nums[macro_name("agreement", "ratio", "max", "hyp")] = fmt(max(ratio), 3) if ratio else "n/a"
     return nums
 
 
 # ---- census ---------------------------------------------------------------------------------
 
 
-_UNICODE = {
-    "‖": r"\ensuremath{\|}",
-    "≤": r"\ensuremath{\le}",
-    "≥": r"\ensuremath{\ge}",
-    "·": r"\ensuremath{\cdot}",
-    "×": r"\ensuremath{\times}",
-    "θ": r"\ensuremath{\theta}",
-    "λ": r"\ensuremath{\lambda}",
-    "η": r"\ensuremath{\eta}",
-    "σ": r"\ensuremath{\sigma}",
-    "ℓ": r"\ensuremath{\ell}",
-    "ᵀ": r"\ensuremath{^\top}",
-    "⁺": r"\ensuremath{^+}",
-    "²": r"\ensuremath{^2}",
-    "→": r"\ensuremath{\to}",
-    "⇔": r"\ensuremath{\Leftrightarrow}",
-    "⊆": r"\ensuremath{\subseteq}",
-    "−": "-",
-    "—": "---",
-    "–": "--",
-    "…": r"\ldots{}",
-}
+def load_census(results: Path) -> list[dict]:
+    """The census rows (``results/census/census.jsonl``, else the quick level), or ``[]``."""
+    for name in ("census.jsonl", "census.quick.jsonl"):
+        path = results / "census" / name
+        if path.exists():
+            return _read_jsonl(path)
+    return []
 
 
-def _tex_escape(s: str) -> str:
-    s = s.replace("\\", r"\textbackslash{}")
-    for a, b in (("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("$", r"\$")):
-        s = s.replace(a, b)
-    s = s.replace("`", "").replace("*", "")
-    return "".join(_UNICODE.get(c, c if ord(c) < 128 else "?") for c in s)
+#: Census rows in the table's order, with a short label (the full conditions are in the
+#: text and in docs/verification.md).
+CENSUS_LABELS = (
+    ("dense_full_row_rank", "one dense layer, $\\operatorname{rank}[X\\ 1]=N$"),
+    ("softmax_min_norm", "one dense layer, softmax, min-norm $n_\\eta$"),
+    ("dense_isotropic", "one dense layer, $N m > P$, $F_{\\mathrm{blk}} = cI$"),
+    ("tanh_over_dense", "$\\tanh(XW)$, $\\operatorname{rank} X = N$"),
+    ("constant_outer_map", "$(XW + b)C$, constant $C$"),
+    ("expanding", "expanding map ($N m > P$)"),
+    ("rank_deficient_batch", "$N \\le d+1$ but $\\operatorname{rank}[X\\ 1] < N$"),
+    ("reverse_order", "reverse-order law violated"),
+    ("multi_layer", "parameters at two layers"),
+    ("singular_fisher", "softmax, representative \\texttt{pin\\_last}"),
+    ("fan_out", "weight shared by fan-out"),
+    ("saturated", "saturated tanh unit"),
+    ("primitive_bias", "dense layer, primitive granularity"),
+    ("generated_mlps", "generated MLPs"),
+)
 
 
-def census_table(results: Path) -> str | None:
-    """The census's first Markdown pipe table as a LaTeX tabular, if the census has run.
+def _cos_range(q) -> str:
+    if not q or q.get("median") is None:
+        return "--"
+    return rf"{fmt(q['median'], 2)} [{fmt(q['min'], 2)}]"
 
-    Reads ``results/census/census.md`` (full level), else ``census.quick.md``.
-    """
-    folder = results / "census"
-    for name in ("census.md", "census.quick.md"):
-        path = folder / name
-        if not path.exists():
+
+#: Group headings of the census table, by the rows' ``kind``.
+CENSUS_KINDS = (
+    ("theorem", "a theorem says modular = exact"),
+    ("counterexample", "a breaking condition"),
+    ("measured", "measured as found"),
+)
+
+
+def census_table(rows: list[dict]) -> str | None:
+    """The census as a LaTeX tabular: conditions grouped by kind (legend in the caption)."""
+    by = {r["row"]: r for r in rows if "cosine" in r}
+    if not by:
+        return None
+    lines = [
+        r"\begin{tabular}{lrrrlll}",
+        r"\toprule",
+        r"condition & $n$ & $m = e$ & $Jm = Je$ & $\cos(m, e)$ & "
+        r"$\|J(m-e)\|/\|Je\|$ & verdicts \\",
+    ]
+    for kind, heading in CENSUS_KINDS:
+        group = [(n, lab) for n, lab in CENSUS_LABELS if n in by and by[n]["kind"] == kind]
+        if not group:
             continue
-        block, blocks = [], []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip().startswith("|"):
-                block.append(line)
-            elif block:
-                blocks.append(block)
-                block = []
-        if block:
-            blocks.append(block)
-        for block in blocks:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block]
-            rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
-            if len(rows) < 2:
-                continue
-            ncol = len(rows[0])
-            out = [
-                r"\resizebox{\linewidth}{!}{%",
-                rf"\begin{{tabular}}{{{'l' * ncol}}}",
-                r"\toprule",
-            ]
-            out.append(" & ".join(_tex_escape(c) for c in rows[0]) + r" \\")
-            out.append(r"\midrule")
-            for r in rows[1:]:
-                out.append(" & ".join(_tex_escape(c) for c in (r + [""] * ncol)[:ncol]) + r" \\")
-            out += [r"\bottomrule", r"\end{tabular}}"]
-            return "\n".join(out) + "\n"
-    return None
+        lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\emph{{{heading}}}}} \\"]
+        for name, label in group:
+            r = by[name]
+            fe = r["function_error"]
+            lines.append(
+                rf"{label} & {r['samples']} & {r['agree']} & {r['function_agree']} & "
+                rf"{_cos_range(r['cosine'])} & {fmt(fe['median'], 2)} [{fmt(fe['max'], 2)}] & "
+                rf"{r['verdict_exact']}/{r['false_exact']}, "
+                rf"{r.get('verdict_function_space', 0)}/{r.get('false_function_space', 0)} \\"
+            )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def census_numbers(rows: list[dict]) -> dict:
+    by = {r["row"]: r for r in rows}
+    sampled = [r for r in rows if "false_exact" in r]
+    nums = {
+        macro_name("census", "threshold"): fmt(AGREE, 1),
+        macro_name("census", "samples"): str(sum(r["samples"] for r in sampled)),
+        macro_name("census", "per", "row"): str(sampled[0]["samples"]) if sampled else "n/a",
+        macro_name("census", "false", "exact"): str(sum(r["false_exact"] for r in sampled)),
+        macro_name("census", "false", "function"): str(
+            sum(r.get("false_function_space", 0) for r in sampled)
+        ),
+        macro_name("census", "exact", "verdicts"): str(sum(r["verdict_exact"] for r in sampled)),
+        macro_name("census", "function", "verdicts"): str(
+            sum(r.get("verdict_function_space", 0) for r in sampled)
+        ),
+    }
+    for name in ("reverse_order", "multi_layer", "rank_deficient_batch", "fan_out", "saturated"):
+        r = by.get(name)
+        key = name.replace("_", " ")
+        nums[macro_name("census", key, "cos", "min")] = fmt(r["cosine"]["min"], 2) if r else "n/a"
+        nums[macro_name("census", key, "ferr", "max")] = (
+            fmt(r["function_error"]["max"], 2) if r else "n/a"
+        )
+        nums[macro_name("census", key, "ferr", "median")] = (
+            fmt(r["function_error"]["median"], 2) if r else "n/a"
+        )
+        nums[macro_name("census", key, "function", "agree")] = (
+            str(r["function_agree"]) if r else "n/a"
+        )
+    return nums
 
 
 # ---- cost ---------------------------------------------------------------------------------------
@@ -586,12 +692,14 @@ def generate(results: Path, out: Path) -> list[Path]:
     write("agreement_table.tex", header + agreement_table(asum))
     nums.update(agreement_numbers(asum, aruns))
 
-    _, crows, _ = load(results, "cost")
-    nums.update(cost_numbers(crows))
+    _, cost_rows, _ = load(results, "cost")
+    nums.update(cost_numbers(cost_rows))
 
-    census = census_table(results)
+    crows = load_census(results)
+    census = census_table(crows)
     if census is not None:
         write("census_table.tex", header + census)
+        nums.update(census_numbers(crows))
     nums[macro_name("figure", "whisker", "low")] = str(WHISKERS[0])
     nums[macro_name("figure", "whisker", "high")] = str(WHISKERS[1])
     nums[macro_name("census", "present")] = "yes" if census is not None else "no"
