@@ -141,6 +141,23 @@ def scale_and_shift():  # LayerNorm affine: h * gamma + beta
     return model, p, X
 
 
+def scale_after_dense():  # h differentiated: gamma scales an activation, beta folded
+    def model(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["V"]) * p["g"] + p["b"]) @ p["W"]
+
+    p = {"V": _normal(6, D, D, scale=0.7), "g": 1 + _normal(7, D, scale=0.2)}
+    p |= {"b": _normal(8, D, scale=0.1), "W": _normal(9, D, O)}
+    return model, p, X
+
+
+def scale_after_dense_no_shift():
+    def model(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["V"]) * p["g"]) @ p["W"]
+
+    p = {"V": _normal(6, D, D, scale=0.7), "g": 1 + _normal(7, D, scale=0.2), "W": _normal(9, D, O)}
+    return model, p, X
+
+
 def scale_rmsnorm():  # RMSNorm: h * gamma, no shift
     def model(p, x):
         h = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
@@ -277,6 +294,8 @@ LAYER_CASES = [
     LayerCase("dense", "equinox", dense_equinox, ("dense", "dense")),
     LayerCase("scale", "h*g+b", scale_and_shift, ("scale", "dense")),
     LayerCase("scale", "rmsnorm h*g", scale_rmsnorm, ("scale", "dense")),
+    LayerCase("scale", "act*g+b", scale_after_dense, ("dense", "scale", "dense")),
+    LayerCase("scale", "act*g", scale_after_dense_no_shift, ("dense", "scale", "dense")),
     LayerCase("scale", "(N,T,c)*s", scale_per_channel_sequence, ("scale", "dense")),
     LayerCase("scale", "flax LayerNorm", scale_flax_layernorm, ("scale", "shift", "dense")),
     LayerCase("shift", "h+b", shift_alone, ("dense", "shift", "dense")),

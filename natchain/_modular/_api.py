@@ -30,8 +30,8 @@ class MapRecord(NamedTuple):
         name: the primitive's name (``"tanh"``, ``"dot_general"``), ``"dense"`` for a
             recognised dense layer, the activation's or marked layer's name, or
             ``"fanout"`` for the duplication of a value used by several maps.
-        kind: ``"dense"``, ``"activation"``, ``"layer"``, ``"primitive"``, ``"generic"``
-            or ``"fanout"``.
+        kind: a layer pattern's name (``"dense"``, ``"scale"``, ``"shift"``, …),
+            ``"activation"``, ``"layer"``, ``"primitive"``, ``"generic"`` or ``"fanout"``.
         jacobian: the dense local Jacobian, ``(out_size, in_size)``, w.r.t. the map's
             differentiated inputs only (parameters and upstream activations, never data
             or integers). Columns: the differentiated inputs in the map's order (for

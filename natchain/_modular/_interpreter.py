@@ -74,17 +74,6 @@ def sub_jaxpr(eqn):
     return sub, ()
 
 
-def _eqn_at(jaxpr, key):
-    for k in key[:-1]:
-        jaxpr = sub_jaxpr(jaxpr.eqns[k])[0]
-    return jaxpr, jaxpr.eqns[key[-1]]
-
-
-def _count_uses(jaxpr, var):
-    n = sum(1 for e in jaxpr.eqns for v in e.invars if not is_literal(v) and v is var)
-    return n + sum(1 for v in jaxpr.outvars if not is_literal(v) and v is var)
-
-
 def _is_elementwise_body(jaxpr, shape) -> bool:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name

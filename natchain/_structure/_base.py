@@ -53,12 +53,14 @@ three jobs.
    falls back on the Gram route only.
 
 3. **Layer rule** (:meth:`AbstractPattern.layer_rule`). At ``granularity="layer"`` the
-   site is one map of the natural chain rule: ``(inputs…, leaves…) -> output`` with the
-   operands in :attr:`Site.local_inputs` order (non-parameter operands of the anchor
-   equation, then each claimed leaf as stored, then a folded shift's leaf). Its rule has
-   the signature of :func:`natchain.register_rule`'s rules; the default is
-   :func:`natchain.generic_rule`, the pseudo-inverse of the materialised local Jacobian.
-   Give a closed form where one exists (``dense.py``).
+   site is one map of the natural chain rule, :meth:`Site.evaluate`: its operands are the
+   anchor's non-parameter operands (:attr:`Site.inputs`; an upstream activation is
+   differentiated, data is not), then each claimed leaf as stored (:attr:`Site.leaves`, a
+   folded shift's last). Its rule has the signature of :func:`natchain.register_rule`'s
+   rules and receives the natural cotangent of the site's output in that output's layout
+   (:meth:`Site.to_anchor` puts it in the anchor's). The default is
+   :func:`natchain.generic_rule`, the pseudo-inverse of the materialised local Jacobian;
+   give a closed form where one exists (``dense.py``).
 
 Every registered pattern needs rows in ``tests/test_structure.py``'s ``LAYER_CASES``: one
 test checks, row by row, the Gram block against ``J Jᵀ``, the layer rule against the
@@ -84,6 +86,7 @@ __all__ = [
     "GramData",
     "Match",
     "Operand",
+    "Shift",
     "Site",
     "View",
     "rows_gram",
