@@ -499,3 +499,26 @@ def test_activation_models_run_at_both_granularities(act):
         assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(g))
     sol = nc.natural_gradient(model, params, X, y, fam, solver="gram")
     assert int(sol.stats["structured_params"]) == 26
+
+
+def test_float32_parameters_keep_their_dtype_on_both_routes():
+    """float32 parameters (with x64 on, as Flax initialises them): both routes run in float32,
+    return float32, and agree with the float64 answer to float32 accuracy."""
+    model, params, x = scale_after_dense()  # dense, scale with folded shift, dense
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    x32, y = x.astype(jnp.float32), _normal(60, N, O)
+    fam = nc.Gaussian()
+    for granularity in ("layer", "primitive"):
+        ref = nc.grad(model, fam, granularity=granularity)(params, x, y)
+        got = nc.grad(model, fam, granularity=granularity)(p32, x32, y.astype(jnp.float32))
+        assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(got))
+        # float32 eps 1.2e-7 times the local condition numbers (≲ 1e2 here): 1e-4 bound
+        assert rel_err(got, ref) <= 1e-4
+    ref = nc.natural_gradient(model, params, x, y, fam, solver="gram", damping=1e-3)
+    sol = nc.natural_gradient(
+        model, p32, x32, y.astype(jnp.float32), fam, solver="gram", damping=1e-3
+    )
+    assert int(sol.stats["structured_params"]) == sum(
+        a.size for a in jax.tree_util.tree_leaves(p32)
+    )
+    assert rel_err(sol.value, ref.value) <= 1e-4

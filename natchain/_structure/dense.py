@@ -115,9 +115,10 @@ class DensePattern(AbstractPattern):
             xt = jnp.transpose(x, order)
             return xt.reshape(_prod(xt.shape, range(split)), -1)
 
-        def back(f, like, value):
-            (out,) = jax.linear_transpose(f, like)(value.astype(jnp.result_type(like)))
-            return out
+        def back(f, like, value):  # the layout map's transpose (its pseudo-inverse)
+            out_dtype = jax.eval_shape(f, like).dtype
+            (out,) = jax.linear_transpose(f, like)(value.astype(out_dtype))
+            return out.astype(jnp.result_type(like))
 
         def rule(local, n_out):
             h_diff = local.diff[0]

@@ -62,7 +62,7 @@ class ScalePattern(AbstractPattern):
 
 
 def _transpose_of(f, like, value):
-    (out,) = jax.linear_transpose(f, like)(value)
+    (out,) = jax.linear_transpose(f, like)(value.astype(jax.eval_shape(f, like).dtype))
     return out
 
 
