@@ -4,6 +4,7 @@ Public names are re-exported here; every other module is private.
 """
 
 from natchain import diagnostics
+from natchain._checks import pick_output
 from natchain._families import (
     AbstractFamily,
     Bernoulli,
@@ -34,6 +35,7 @@ from natchain._natural_gradient import (
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._solvers import CG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
+from natchain._status import RESULTS, STAT_KEYS, SolverError, default_tol
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,11 @@ __all__ = [
     "Gram",
     "NaturalGradientState",
     "Pinv",
+    "RESULTS",
+    "STAT_KEYS",
+    "SolverError",
+    "default_tol",
+    "pick_output",
     "Poisson",
     "SOLVERS",
     "LocalMap",
