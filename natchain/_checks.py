@@ -74,8 +74,8 @@ def check_model_output(out, name: str = "model output"):
     hint = f"natchain.pick_output(model, {paths[0][1:-1]})" if paths else "one array"
     raise TypeError(
         f"{name} must be one array of shape (N, m); the model returned a {kind} with "
-        f"{len(paths)} leaves {paths[:6]}. Declare which leaf holds the distribution "
-        f"parameters, e.g. {hint}."
+        f"{len(paths)} leaves ({', '.join(paths[:6])}). Declare which leaf holds the "
+        f"distribution parameters, e.g. {hint}."
     )
 
 

@@ -324,6 +324,9 @@ def test_statistics_reference_documents_every_key_and_result():
         assert f"`{key}`" in doc, key
     for member in nc.RESULTS:
         assert f"`{member.name}`" in doc, member
+    # The defaults table quotes the library's own constants.
+    for dtype, text in ((jnp.float64, "1e-10"), (jnp.float32, "5e-4"), (jnp.float16, "5e-2")):
+        assert float(text) == nc.default_tol(dtype) and f"`{text}`" in doc, dtype
 
 
 # ---- both routes validate the same way -----------------------------------------------------
