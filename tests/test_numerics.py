@@ -151,16 +151,27 @@ def test_float32_table_against_float64_dense(solver, name):
         assert bool(sol.stats["converged"]), sol.stats
 
 
-@pytest.mark.parametrize("solver", ["pinv", "gram", "cholesky", "cg"])
-def test_confident_softmax_float64_matches_dense(solver):
+CONFIDENT_ROWS = [
+    ("pinv", {}),
+    ("gram", {}),
+    ("gram", {"factorization": "eigh"}),
+    ("gram", {"structured": False, "refine": 0}),
+    ("cholesky", {}),
+    ("cg", {}),
+]
+
+
+@pytest.mark.parametrize("solver,opts", CONFIDENT_ROWS, ids=[f"{s}-{o}" for s, o in CONFIDENT_ROWS])
+def test_confident_softmax_float64_matches_dense(solver, opts):
     """Min p 1e-30 in float64, damped: every solver equals the dense answer to 10·κ·eps64.
 
     Before, the Gram route built its right-hand side through ``F_blk⁺`` (``1/p``): 2e4
     relative error marked converged. CG stops at its default tolerance 1e-10: ``2 κ tol``.
+    Every Gram variant (factorisation, Jacobian-built ``C``, no refinement) is stable.
     """
     params, x, y, lam = numerics_case("confident", jnp.float64)
     ref, kappa = _reference("confident", jnp.float64)
-    sol = nc.natural_gradient(MODEL, params, x, y, FAMILY, solver=solver, damping=lam)
+    sol = nc.natural_gradient(MODEL, params, x, y, FAMILY, solver=solver, damping=lam, **opts)
     bound = 2 * kappa * 1e-10 if solver == "cg" else 10 * kappa * float(jnp.finfo(float).eps)
     assert rel_err(sol.value, ref.value) <= bound
     assert bool(sol.stats["converged"])
