@@ -4,6 +4,7 @@ Public names are re-exported here; every other module is private.
 """
 
 from natchain import diagnostics
+from natchain._checks import pick_output
 from natchain._families import (
     AbstractFamily,
     Bernoulli,
@@ -34,7 +35,9 @@ from natchain._natural_gradient import (
 )
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
+from natchain._sharding import GramRows
 from natchain._solvers import CG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
+from natchain._status import RESULTS, STAT_KEYS, SolverError, default_tol
 from natchain._structure._inspect import LeafRow, StructureTable, inspect_structure
 
 __version__ = "0.1.0"
@@ -43,37 +46,43 @@ __all__ = [
     "AbstractFamily",
     "AbstractSolver",
     "Bernoulli",
-    "CG",
     "Categorical",
+    "CG",
     "Cholesky",
-    "Gaussian",
-    "GaussianHetero",
-    "Gram",
-    "NaturalGradientState",
-    "Pinv",
-    "Poisson",
-    "SOLVERS",
-    "LeafRow",
-    "LocalMap",
-    "LocalStats",
-    "MapRecord",
-    "Solution",
-    "StructureError",
-    "StructureTable",
-    "StructureWarning",
+    "default_tol",
     "diagnostics",
     "fisher_matrix",
     "fisher_vp",
+    "Gaussian",
+    "GaussianHetero",
     "generic_rule",
     "grad",
+    "Gram",
+    "GramRows",
     "inspect_structure",
     "layer",
+    "LeafRow",
+    "LocalMap",
+    "LocalStats",
     "make_solver",
+    "MapRecord",
     "modular_trace",
     "natural_gradient",
     "natural_vjp",
+    "NaturalGradientState",
     "output_factor",
+    "pick_output",
+    "Pinv",
+    "Poisson",
     "register_rule",
+    "RESULTS",
     "scale_by_natural_gradient",
+    "Solution",
+    "SolverError",
+    "SOLVERS",
+    "STAT_KEYS",
+    "StructureError",
+    "StructureTable",
+    "StructureWarning",
     "value_and_grad",
 ]

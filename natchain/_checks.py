@@ -57,3 +57,49 @@ def check_nonnegative(value, name: str) -> None:
 def check_choice(value, choices, name: str) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}.")
+
+
+def check_model_output(out, name: str = "model output"):
+    """Return the single array a model produced, or raise ``TypeError`` explaining the fix.
+
+    A natural gradient needs one array of distribution parameters ``(N, m)``. Models that
+    return a dict or tuple (``{"logits": eta}``, ``(eta, aux)``) must say which leaf that is,
+    with :func:`natchain.pick_output`.
+    """
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return out
+    leaves, _ = jax.tree_util.tree_flatten_with_path(out)
+    paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+    kind = type(out).__name__
+    hint = f"natchain.pick_output(model, {paths[0][1:-1]})" if paths else "one array"
+    raise TypeError(
+        f"{name} must be one array of shape (N, m); the model returned a {kind} with "
+        f"{len(paths)} leaves ({', '.join(paths[:6])}). Declare which leaf holds the "
+        f"distribution parameters, e.g. {hint}."
+    )
+
+
+def pick_output(model, *path):
+    """Wrap ``model`` so that it returns one leaf of its output: ``out[path[0]][path[1]]…``.
+
+    For models returning a dict or tuple, e.g. ``pick_output(net.apply, "logits")`` or
+    ``pick_output(model, 0)``. Both the exact and the modular routes take the wrapped model.
+
+    Args:
+        model: ``model(params, x)`` returning a pytree.
+        *path: keys or indices leading to the array of distribution parameters.
+
+    Raises:
+        ValueError: no path given.
+    """
+    if not path:
+        raise ValueError("pick_output needs at least one key or index (e.g. 'logits' or 0).")
+
+    def picked(params, x):
+        out = model(params, x)
+        for step in path:
+            out = out[step]
+        return out
+
+    picked.__name__ = f"{getattr(model, '__name__', 'model')}_{'_'.join(map(str, path))}"
+    return picked

@@ -186,6 +186,20 @@ class Categorical(AbstractFamily):
             raise ValueError(f"{name} must hold integer class labels; got dtype {y.dtype}.")
 
     def check_targets(self, y, eta, name="y"):
+        n, m = eta.shape
+        shape = tuple(jnp.shape(y))
+        if shape == (n, m):
+            raise ValueError(
+                f"{name} has shape {shape}, like one-hot vectors; {self!r} expects class "
+                f"indices of shape ({n},) (integers in 0, …, {m - 1}): pass "
+                f"jnp.argmax({name}, axis=-1)."
+            )
+        dt = jnp.result_type(y)
+        if not jnp.issubdtype(dt, jnp.integer):
+            raise ValueError(
+                f"{name} must hold integer class labels (class indices in 0, …, {m - 1}); "
+                f"got dtype {dt}."
+            )
         super().check_targets(y, eta, name)
         if is_concrete(y):
             m = eta.shape[1]

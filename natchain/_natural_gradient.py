@@ -15,6 +15,7 @@ from natchain._problem import build_problem, check_outputs, validate_inputs
 from natchain._sharding import call_on_mesh
 from natchain._solvers import SOLVERS, AbstractSolver
 from natchain._solvers._base import DEFAULT_MAX_PARAMS, check_dense_size
+from natchain._status import raise_if_failed
 
 
 class Solution(NamedTuple):
@@ -23,8 +24,9 @@ class Solution(NamedTuple):
     Attributes:
         value: the natural gradient, a pytree shaped like ``params``.
         grad: the ordinary loss gradient ``g`` (same shape), for comparisons.
-        stats: the solver's statistics (``rank``, ``num_cut``, ``num_steps``,
-            ``residual``, ``converged`` … as the solver provides them).
+        stats: the solver's statistics: the keys of :data:`natchain.STAT_KEYS` (``result``,
+            ``converged``, ``residual``, ``tol``, ``num_steps``, ``rank``, ``num_cut`` …,
+            documented in docs/statistics.md), then the solver's extras.
     """
 
     value: Any
@@ -125,6 +127,7 @@ def natural_gradient(
     damping=0.0,
     key=None,
     num_samples: int = 1,
+    throw: bool = False,
     **solver_options,
 ) -> Solution:
     """The exact natural gradient ``(F_theta + λI)⁺ g`` of the mean negative log-likelihood.
@@ -141,8 +144,10 @@ def natural_gradient(
         kind: Fisher kind, ``"true"``, ``"mc"`` or ``"empirical"``.
         damping: ``λ ≥ 0``; ``0`` gives the minimum-norm solution.
         key, num_samples: for ``kind="mc"``.
+        throw: raise :class:`natchain.SolverError` when the result is not ``successful``
+            (concrete calls only; under an outer ``jax.jit`` read ``stats["result"]``).
         **solver_options: passed to the solver class (``rcond``, ``tol``, ``maxiter``,
-            ``max_params``, ``structured``, ``factorization``).
+            ``max_params``, ``structured``, ``factorization``, ``check_float64``).
 
     Returns:
         A :class:`Solution` (``value`` shaped like ``params``, ``grad``, ``stats``).
@@ -151,6 +156,7 @@ def natural_gradient(
         ValueError / TypeError: bad shapes, non-finite values, labels outside the
             support, negative damping, unknown solver or kind, ``mc`` without ``key``,
             a dense solve too large for ``max_params``.
+        SolverError: ``throw=True`` and the solve was not successful.
     """
     check_nonnegative(damping, "damping")
     solver = make_solver(solver, **solver_options)
@@ -159,6 +165,8 @@ def natural_gradient(
     solve = partial(_solve, model, family, solver, kind, num_samples, damped)
     value, grad, stats, finite = call_on_mesh(solve, params, x, y, damping, key)
     check_outputs(finite)
+    if throw:
+        raise_if_failed(stats)
     return Solution(value, grad, stats)
 
 

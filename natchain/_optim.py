@@ -26,6 +26,19 @@ arrays; ``model(params, x)`` must return the batch of outputs ``(N, m)``:
 - any registered pytree node class (e.g. a dataclass with static fields).
 
 Each style is exercised in ``tests/test_optim.py`` (Flax and Equinox where installed).
+
+**Chain order.** The transformation *replaces* the incoming updates by the natural
+gradient of the batch's loss; it must come first. ``optax.chain(optax.sgd(lr),
+scale_by_natural_gradient(...))`` discards the learning rate and its sign (the result is
+``+n``, an ascent step of unit rate); use ``optax.chain(scale_by_natural_gradient(...),
+optax.sgd(lr))``. The incoming updates are compared with the loss gradient and the cosine
+is recorded as ``info["grad_cosine"]``: a value below ``1`` means something before this
+transformation changed the gradient (``-1`` for ``optax.sgd`` placed first).
+
+**Non-finite steps.** With ``guard=True`` (the default) a step whose natural gradient is
+not finite is replaced by zeros and recorded (``info["skipped"]``,
+``state.num_skipped``): no NaN or inf ever reaches the parameters through this
+transformation. The state keys are listed in docs/statistics.md.
 optax is needed by this module only; it is not a dependency of the rest of natchain.
 """
 
@@ -41,6 +54,7 @@ from jax.flatten_util import ravel_pytree
 from natchain._checks import check_choice, check_nonnegative
 from natchain._natural_gradient import make_solver, natural_gradient
 from natchain._problem import KINDS, check_family, output_factor
+from natchain._status import stats_template
 
 METHODS = ("exact", "modular")
 
@@ -49,39 +63,60 @@ class NaturalGradientState(NamedTuple):
     """State of :func:`scale_by_natural_gradient`.
 
     Attributes:
-        count: number of updates taken.
+        count: number of updates taken (skipped ones included).
         key: PRNG key used for ``kind="mc"`` when ``update`` is given no ``key``.
+        num_skipped: number of steps the guard replaced by zeros (non-finite natural
+            gradient).
         info: statistics of the last update, always the same keys so the state keeps
-            one structure under ``jit``/``scan``: ``kl`` (second-order KL ``½ nᵀ F n``
-            of the returned step under the true Fisher), ``scale`` (trust-region factor
-            applied, ``1`` when inactive), ``grad_norm``, ``step_norm``, ``finite``
-            (whether every entry of the natural gradient was finite), and the solver's
-            ``residual``, ``num_steps`` and ``rank`` (``nan`` / ``-1`` where the solver
-            does not report them).
+            one structure under ``jit``/``scan`` (docs/statistics.md): ``kl`` (second-order
+            KL ``½ nᵀ F n`` of the returned step under the true Fisher), ``scale``
+            (trust-region factor, ``1`` when inactive), ``grad_norm``, ``step_norm``,
+            ``grad_cosine`` (incoming updates against the loss gradient), ``finite``
+            (every entry of the natural gradient finite), ``skipped``, the solver's
+            shared statistics (``result``, ``converged``, ``residual``, ``tol``,
+            ``num_steps``, ``rank``, ``num_cut``, ``condition``), ``leaf_step_norm``
+            (a pytree shaped like ``params``: the step's norm per leaf) and, for
+            ``method="modular"``, ``maps`` (per map: ``rank``, ``num_cut``,
+            ``condition``; empty for ``method="exact"``).
     """
 
     count: jax.Array
     key: jax.Array
+    num_skipped: jax.Array
     info: dict
 
 
-def _empty_info(dtype) -> dict:
+#: Solver statistics copied into the optimiser's ``info`` (the rest are solver extras).
+_SOLVER_INFO = ("result", "converged", "residual", "tol", "num_steps", "rank", "num_cut")
+
+
+def _empty_info(params, dtype, maps) -> dict:
     nan = jnp.asarray(jnp.nan, dtype)
-    return {
-        "kl": nan,
-        "scale": jnp.asarray(1.0, dtype),
-        "grad_norm": nan,
-        "step_norm": nan,
-        "finite": jnp.asarray(True),
-        "residual": nan,
-        "num_steps": jnp.asarray(-1, jnp.int32),
-        "rank": jnp.asarray(-1, jnp.int32),
-        "num_cut": jnp.asarray(-1, jnp.int32),
-    }
+    info = stats_template(dtype, 0)
+    info = {k: info[k] for k in _SOLVER_INFO}
+    info["condition"] = nan
+    info.update(
+        kl=nan,
+        scale=jnp.asarray(1.0, dtype),
+        grad_norm=nan,
+        step_norm=nan,
+        grad_cosine=nan,
+        finite=jnp.asarray(True),
+        skipped=jnp.asarray(False),
+        leaf_step_norm=jax.tree_util.tree_map(lambda p: jnp.zeros((), dtype), params),
+        maps=maps,
+    )
+    return info
 
 
 def _tree_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def _cosine(a, b):
+    fa, fb = ravel_pytree(a)[0], ravel_pytree(b)[0]
+    den = jnp.linalg.norm(fa) * jnp.linalg.norm(fb)
+    return jnp.where(den > 0, jnp.vdot(fa, fb) / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
 def second_order_kl(model, family, params, x, step):
@@ -130,6 +165,8 @@ def scale_by_natural_gradient(
     granularity: str = "layer",
     max_kl: float | None = None,
     seed: int = 0,
+    guard: bool = True,
+    example_batch: tuple | None = None,
     **options,
 ) -> Any:
     """Replace the gradient by the natural gradient of the model's loss on the batch.
@@ -162,6 +199,12 @@ def scale_by_natural_gradient(
             rate ``α ≤ 1`` applied afterwards keeps it so (the KL scales with ``α²``).
         seed: seed of the key kept in the state for ``kind="mc"`` when ``update`` is
             called without ``key``.
+        guard: replace a non-finite natural gradient by zeros and record it
+            (``info["skipped"]``, ``state.num_skipped``) instead of passing it on.
+        example_batch: ``(x, y)`` of the training batches' shapes, ``method="modular"``
+            only: fills the per-map statistics ``info["maps"]`` at ``init`` so the state
+            keeps one structure from the start (needed under ``lax.scan``); without it
+            they appear from the first update.
         **options: passed on to the solver (``tol``, ``maxiter``, ``rcond``, ...) for
             ``method="exact"``, or to ``natchain.grad`` for ``method="modular"``.
 
@@ -192,11 +235,19 @@ def scale_by_natural_gradient(
         raise ValueError(f"max_kl must be a positive finite number or None; got {max_kl!r}.")
     if not callable(damping):
         check_nonnegative(damping, "damping")
+    if not isinstance(guard, bool):
+        raise ValueError(f"guard must be True or False; got {guard!r}.")
     if method == "modular":
         if callable(damping) or float(damping) != 0.0:
             raise ValueError("damping applies to method='exact' only.")
         options = dict(options, kind=kind, num_samples=num_samples, return_stats=True)
-        direction = _resolve_modular(model, family, granularity, options)
+        modular = _resolve_modular(model, family, granularity, options)
+
+        def direction(params, x, y, key, count):
+            del count
+            nat, stats = modular(params, x, y, key=key)
+            loss = lambda p: jnp.mean(jax.vmap(family.nll)(model(p, x), y))
+            return nat, stats, jax.grad(loss)(params)
     else:
         if granularity != "layer":
             raise ValueError("granularity applies to method='modular' only.")
@@ -217,14 +268,22 @@ def scale_by_natural_gradient(
                 num_samples=num_samples,
                 **options,
             )
-            return sol.value, sol.stats
+            return sol.value, sol.stats, sol.grad
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
+        maps = {}
+        if method == "modular" and example_batch is not None:  # the per-map keys, up front
+            bx, by = example_batch
+            shapes = jax.eval_shape(
+                lambda p: direction(p, bx, by, jax.random.PRNGKey(0), 0)[1]["maps"], params
+            )
+            maps = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32),
             key=jax.random.PRNGKey(seed),
-            info=_empty_info(flat.dtype),
+            num_skipped=jnp.zeros((), jnp.int32),
+            info=_empty_info(params, flat.dtype, maps),
         )
 
     def update_fn(updates, state, params=None, *, x=None, y=None, key=None, **extra_args):
@@ -237,32 +296,43 @@ def scale_by_natural_gradient(
         new_key = state.key
         if key is None:
             new_key, key = jax.random.split(state.key)
-        if method == "exact":
-            nat, stats = direction(params, x, y, key, state.count)
-        else:
-            nat, stats = direction(params, x, y, key=key)
+        nat, stats, grad = direction(params, x, y, key, state.count)
         nat = jax.tree_util.tree_map(lambda n, p: jnp.asarray(n, jnp.result_type(p)), nat, params)
-        info = _empty_info(ravel_pytree(params)[0].dtype)
+        dtype = ravel_pytree(params)[0].dtype
         finite = jnp.all(jnp.isfinite(ravel_pytree(nat)[0]))
+        if guard:
+            nat = jax.tree_util.tree_map(lambda n: jnp.where(finite, n, jnp.zeros_like(n)), nat)
         kl = second_order_kl(model, family, params, x, nat)
-        scale = jnp.ones_like(info["scale"])
+        scale = jnp.ones((), dtype)
         if max_kl is not None:
             safe = jnp.where(kl > max_kl, kl, 1.0)
             scale = jnp.where(kl > max_kl, jnp.sqrt(max_kl / safe), 1.0)
             nat = jax.tree_util.tree_map(lambda n: n * scale.astype(n.dtype), nat)
             kl = kl * scale * scale
+        info = _empty_info(params, dtype, {})
+        skipped = jnp.logical_not(finite) if guard else jnp.asarray(False)
         info.update(
             kl=kl,
             scale=scale,
             grad_norm=_tree_norm(updates),
             step_norm=_tree_norm(nat),
+            grad_cosine=_cosine(updates, grad).astype(dtype),
             finite=finite,
+            skipped=skipped,
+            leaf_step_norm=jax.tree_util.tree_map(
+                lambda n: jnp.sqrt(jnp.sum(jnp.square(n))).astype(dtype), nat
+            ),
+            maps=stats.get("maps", {}),
         )
-        ints = ("num_steps", "rank", "num_cut")
-        for name, dtype in [("residual", None)] + [(k, jnp.int32) for k in ints]:
+        for name in (*_SOLVER_INFO, "condition"):
             if name in stats:
-                info[name] = jnp.asarray(stats[name], dtype or info[name].dtype)
-        new_state = NaturalGradientState(count=state.count + 1, key=new_key, info=info)
+                info[name] = jnp.asarray(stats[name], info[name].dtype)
+        new_state = NaturalGradientState(
+            count=state.count + 1,
+            key=new_key,
+            num_skipped=state.num_skipped + skipped.astype(jnp.int32),
+            info=info,
+        )
         return nat, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from natchain._checks import check_choice, check_finite, check_float_params, is_concrete
+from natchain._checks import (
+    check_choice,
+    check_finite,
+    check_float_params,
+    check_model_output,
+    is_concrete,
+)
 from natchain._families import AbstractFamily
 
 KINDS = ("true", "mc", "empirical")
@@ -53,18 +59,33 @@ def output_factor(family, eta, kind="true", y=None, key=None, num_samples=1):
     check_choice(kind, KINDS, "kind")
     if kind == "true":
         return jax.vmap(family.fisher_sqrt)(eta)
+    return scores_factor(family, eta, factor_targets(family, eta, kind, y, key, num_samples))
+
+
+def factor_targets(family, eta, kind, y=None, key=None, num_samples=1):
+    """The targets whose scores make the factor: ``(N, S, ...)`` (``None`` for ``true``).
+
+    ``empirical``: the observed ``y`` (``S = 1``); ``mc``: ``S = num_samples`` draws per
+    example from the model's own distribution.
+    """
+    if kind == "true":
+        return None
     if kind == "empirical":
         if y is None:
             raise ValueError("kind='empirical' needs the observed targets `y`.")
-        return jax.vmap(family.score)(eta, y)[:, :, None]
+        return jnp.asarray(y)[:, None]
     if key is None:
         raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
     keys = jax.random.split(key, eta.shape[0])
-    ys = jax.vmap(lambda k, e: family.sample(k, e, (num_samples,)))(keys, eta)
-    scores = jax.vmap(jax.vmap(family.score, in_axes=(None, 0)))(eta, ys)  # (N, S, m)
-    return jnp.swapaxes(scores, 1, 2) / math.sqrt(num_samples)
+    return jax.vmap(lambda k, e: family.sample(k, e, (num_samples,)))(keys, eta)
+
+
+def scores_factor(family, eta, targets):
+    """``M`` (``(N, m, S)``) from the scores at ``targets`` (``(N, S, ...)``), ``1/√S`` inside."""
+    scores = jax.vmap(jax.vmap(family.score, in_axes=(None, 0)))(eta, targets)  # (N, S, m)
+    return jnp.swapaxes(scores, 1, 2) / math.sqrt(targets.shape[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +102,8 @@ class Problem:
     factor: jax.Array  # (N, m, r), 1/sqrt(N) folded in
     cotangent: jax.Array | None  # (N, m), 1/N folded in; None without targets
     damped: bool | None = None  # damping > 0, when known before tracing (None: unknown)
+    y: object = None  # the observed targets (the loss)
+    targets: object = None  # the targets whose scores make the factor (mc, empirical)
 
     @property
     def num_params(self) -> int:
@@ -144,6 +167,51 @@ class Problem:
             raise ValueError("this problem was built without targets `y`: no gradient.")
         return self.vjp(self.cotangent)
 
+    def residual_float64(self, flat_n, damping):
+        """``‖(F + λI) n − g‖ / ‖g‖`` recomputed from scratch in float64.
+
+        Parameters, inputs and the solution are widened, the outputs, Fisher factor and
+        gradient rebuilt (Monte-Carlo samples reused): an independent check of the
+        system the solver was given, free of its working precision.
+
+        Raises:
+            ValueError: float64 is not enabled (``jax_enable_x64``).
+        """
+        if not jax.config.jax_enable_x64:
+            raise ValueError("check_float64=True needs float64: enable jax_enable_x64.")
+        wide = widen(self.params)
+        x = widen(self.x)
+        flat64, unravel64 = ravel_pytree(wide)
+
+        def f(p):
+            return self.model(unravel64(p), x)
+
+        eta, jvp = jax.linearize(f, flat64)
+        vjp = jax.linear_transpose(jvp, flat64)
+        n = eta.shape[0]
+        if self.kind == "true":
+            ms = jax.vmap(self.family.fisher_sqrt)(eta)
+        else:
+            ms = scores_factor(self.family, eta, self.targets)
+        ms = ms / jnp.sqrt(jnp.asarray(n, eta.dtype))
+        cot = jax.vmap(jax.grad(self.family.nll))(eta, self.y) / n
+        g = vjp(cot)[0]
+        v = flat_n.astype(jnp.float64)
+        fv = vjp(jnp.einsum("nmr,nr->nm", ms, jnp.einsum("nmr,nm->nr", ms, jvp(v))))[0]
+        r = fv + jnp.asarray(damping, jnp.float64) * v - g
+        nb = jnp.linalg.norm(g)
+        return jnp.linalg.norm(r) / jnp.where(nb > 0, nb, 1.0)
+
+
+def widen(tree):
+    """Floating-point leaves cast to float64 (others unchanged)."""
+
+    def cast(a):
+        a = jnp.asarray(a)
+        return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree_util.tree_map(cast, tree)
+
 
 def validate_inputs(
     model, params, x, family, *, y=None, kind="true", key=None, num_samples=1, need_y=True
@@ -166,7 +234,7 @@ def validate_inputs(
             raise ValueError("kind='mc' needs a PRNG `key` to sample targets from the model.")
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
-    eta = jax.eval_shape(model, params, x)
+    eta = check_model_output(jax.eval_shape(model, params, x))
     family.check_output(eta)
     if (need_y or kind == "empirical") and y is None:
         raise ValueError("targets `y` are required here (the gradient or the empirical Fisher).")
@@ -189,12 +257,16 @@ def build_problem(
     flat, unravel = ravel_pytree(params)
     eta = model(params, x)
     n = eta.shape[0]
-    factor = output_factor(family, eta, kind, y=y, key=key, num_samples=num_samples)
+    targets = factor_targets(family, eta, kind, y=y, key=key, num_samples=num_samples)
+    if kind == "true":
+        factor = jax.vmap(family.fisher_sqrt)(eta)
+    else:
+        factor = scores_factor(family, eta, targets)
     factor = factor / jnp.sqrt(jnp.asarray(n, eta.dtype))
     cot = None
     if y is not None:
         cot = jax.vmap(jax.grad(family.nll))(eta, y) / n
-    return Problem(model, x, family, kind, flat, unravel, eta, factor, cot)
+    return Problem(model, x, family, kind, flat, unravel, eta, factor, cot, y=y, targets=targets)
 
 
 def check_outputs(eta_finite) -> None:

@@ -27,7 +27,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jax.sharding import AxisType, PartitionSpec
 
 
@@ -264,8 +263,8 @@ def _sharded_cg(cmat, rhs, damping, rows, mesh, size):
         out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
         check_vma=False,
     )
-    y, k, res = run(cmat, rhs, jnp.asarray(damping, rhs.dtype))
-    return y, {"num_steps": k, "residual": res, "converged": res <= 2 * rows.tol}
+    y, k, _ = run(cmat, rhs, jnp.asarray(damping, rhs.dtype))
+    return y, k
 
 
 def _gathered(cmat, rows, mesh, size):
@@ -281,54 +280,44 @@ def _gathered(cmat, rows, mesh, size):
     return gather(cmat)
 
 
-def solve_rows(solver, problem, damping, range_coefficients):
-    """The Gram route with the system sharded by rows (see the module docstring).
+def system_rows(solver, problem, damping):
+    """The Gram system sharded by rows, ready to apply (see the module docstring).
 
     Args:
         solver: the :class:`natchain.Gram` instance (its ``rows``, ``rcond`` and
             ``factorization`` settings apply).
         problem: the natural-gradient problem.
         damping: ``λ ≥ 0``.
-        range_coefficients: ``problem -> c`` with ``M c = b`` (true / empirical Fisher).
 
     Returns:
-        ``(flat natural gradient, stats)`` as ``Gram.solve``.
+        ``(damped, undamped, stats)`` as :meth:`natchain.Gram.factorise`: products with
+        ``(C + λI)⁻¹`` and ``C⁺``. When the whole system fits in ``rows.max_dense_bytes``
+        it is gathered and factorised; otherwise both products are CG solves on the
+        row-sharded ``C`` (undamped CG needs ``C`` of full rank; the residual test on
+        the original system reports it when not).
     """
-    from natchain._solvers._base import default_rcond, eigh_pinv_apply, relative_residual
-
     rows = solver.rows
-    ms = problem.factor
-    n, _, r = ms.shape
+    n, _, r = problem.factor.shape
     cmat, mesh, size = row_system(problem, rows)
     dense = (n * r) ** 2 * cmat.dtype.itemsize <= rows.max_dense_bytes
-    rcond = default_rcond(n * r, cmat.dtype) if solver.rcond is None else solver.rcond
-    full = _gathered(cmat, rows, mesh, size) if dense else None
+    extra = {
+        "structured_params": jnp.asarray(0),
+        "row_blocks": jnp.asarray(size),
+        "iterative": jnp.asarray(not dense),
+    }
+    if dense:
+        damped, undamped, stats = solver.factorise(
+            _gathered(cmat, rows, mesh, size), problem, damping
+        )
+        return damped, undamped, {**stats, **extra}
+    stats = {**extra, "size": n * r, "num_steps": jnp.zeros((), jnp.int32)}
 
-    def solve(rhs, lam, pinv):
-        if not dense:
-            return _sharded_cg(cmat, rhs, lam, rows, mesh, size)
-        mat = full + lam * jnp.eye(n * r, dtype=full.dtype)
-        if pinv:
-            return eigh_pinv_apply(mat, rhs, rcond)
-        y = jsl.cho_solve(jsl.cho_factor(mat, lower=True), rhs)
-        res = relative_residual(lambda v: mat @ v, y, rhs)
-        return y, {"residual": res, "converged": jnp.isfinite(res)}
+    def cg_apply(lam):
+        def apply(v):  # each product is one CG solve; its steps are added to the stats
+            y, k = _sharded_cg(cmat, v, lam, rows, mesh, size)
+            stats["num_steps"] = stats["num_steps"] + k
+            return y
 
-    extra = None
-    if problem.in_range:
-        c = range_coefficients(problem).reshape(-1)
-    else:
-        bg = jnp.einsum("nmr,nm->nr", ms, problem.jvp(problem.gradient())).reshape(-1)
-        c, _ = solve(bg, 0.0, True)
-        extra = problem.cotangent - jnp.einsum("nmr,nr->nm", ms, c.reshape(n, r))
-    y, stats = solve(c, damping, not solver._use_cholesky(problem, damping))
-    u = jnp.einsum("nmr,nr->nm", ms, y.reshape(n, r))
-    if extra is not None:
-        u = u + jnp.where(damping > 0, extra / jnp.where(damping > 0, damping, 1.0), 0.0)
-    stats.update(
-        structured_params=jnp.asarray(0),
-        size=jnp.asarray(n * r),
-        row_blocks=jnp.asarray(size),
-        iterative=jnp.asarray(not dense),
-    )
-    return problem.vjp(u), stats
+        return apply
+
+    return cg_apply(damping), cg_apply(0.0), stats

@@ -87,3 +87,29 @@ def test_dense_solve_too_large_suggests_matrix_free_routes():
         nc.fisher_matrix(model, params, x, fam)
     sol = nc.natural_gradient(model, params, x, y, fam, solver="gram", damping=1e-3)
     assert bool(jnp.all(jnp.isfinite(sol.value["W"])))
+
+
+def test_status_options_are_refused_at_construction():
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        nc.Pinv(tol=-1.0)
+    with pytest.raises(ValueError, match="check_float64 must be True or False"):
+        nc.Gram(check_float64="yes")
+    with pytest.raises(ValueError, match="refine must be a non-negative integer"):
+        nc.Gram(refine=-1)
+    with pytest.raises(ValueError, match="rcond must lie in"):
+        nc.Gram(rcond=2.0)
+    with pytest.raises(ValueError, match="pick_output needs at least one key"):
+        nc.pick_output(MODEL)
+
+
+def test_model_output_must_be_one_array():
+    """A dict output names its leaves and the way to declare one (both routes: test_numerics)."""
+    with pytest.raises(TypeError, match=r"returned a dict with 2 leaves \(\['a'\], \['b'\]\)"):
+        ng(model=lambda p, x: {"a": MODEL(p, x), "b": MODEL(p, x)})
+    picked = nc.pick_output(lambda p, x: {"a": MODEL(p, x), "b": 0.0}, "a")
+    assert bool(ng(model=picked, damping=1e-3).stats["converged"])
+
+
+def test_one_hot_labels_hint_at_class_indices():
+    with pytest.raises(ValueError, match=r"one-hot .*class indices of shape \(2,\).*argmax"):
+        ng(y=jax.nn.one_hot(Y, 3).astype(jnp.int32))

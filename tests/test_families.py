@@ -144,3 +144,18 @@ def test_families_compare_by_configuration():
     assert nc.Gaussian(scale=2.0) == nc.Gaussian(scale=2.0)
     assert nc.Gaussian(scale=2.0) != nc.Gaussian(scale=1.0)
     assert hash(nc.Categorical()) == hash(nc.Categorical())
+
+
+def test_categorical_target_checks_need_no_values():
+    """Label dtype and the one-hot hint are checked from shapes alone (also under ``jit``)."""
+    fam = nc.Categorical()
+    eta = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+
+    def check(y):
+        return jax.eval_shape(lambda t: fam.check_targets(t, eta), y)  # y is traced here
+
+    with pytest.raises(ValueError, match="integer class labels"):
+        check(jnp.zeros((4,), jnp.float32))
+    with pytest.raises(ValueError, match="class indices of shape"):
+        check(jnp.zeros((4, 3), jnp.int32))
+    check(jnp.zeros((4,), jnp.int32))  # accepted

@@ -391,3 +391,115 @@ def test_scale_by_natural_gradient_refuses_bad_configuration():
     tx = nc.scale_by_natural_gradient(model, fam)
     with pytest.raises(ValueError, match="x=x, y=y"):
         tx.update(params, tx.init(params), params)
+
+
+# ---- non-finite steps, chain order, statistics in the state, determinism ---------------------
+
+
+def _diverging_run(guard, steps=8, lr=30.0):
+    """float32 Poisson regression, exact Gram steps, learning rate 30: the log-rates blow up.
+
+    The rates ``exp(eta)`` overflow float32 after a few steps, so the Fisher and the natural
+    gradient become non-finite (measured: at the fifth step).
+    """
+    kx, ky = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (16, 3)).astype(jnp.float32)
+    y = jax.random.poisson(ky, 2.0, (16, 1)).astype(jnp.float32)
+    model = lambda p, x: x @ p["w"] + p["b"]
+    params = {"w": jnp.zeros((3, 1), jnp.float32), "b": jnp.zeros((1,), jnp.float32)}
+    fam = nc.Poisson()
+    opt = optax.chain(nc.scale_by_natural_gradient(model, fam, guard=guard), optax.sgd(lr))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(lambda q: _loss(model, fam, q, x, y))(p)
+        u, s = opt.update(g, s, p, x=x, y=y)
+        return optax.apply_updates(p, u), s
+
+    history = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        history.append((bool(jnp.all(jnp.isfinite(_flat(params)))), state[0]))
+    return history
+
+
+def test_guard_never_lets_a_non_finite_step_into_the_parameters():
+    """Driven to divergence (lr 30, float32): parameters stay finite, skips are recorded.
+
+    Without the guard the same run writes NaN into the parameters (the guard is what
+    makes the difference, so this test can fail).
+    """
+    history = _diverging_run(guard=True)
+    assert all(finite for finite, _ in history)
+    last = history[-1][1]
+    assert int(last.num_skipped) >= 1  # the run did reach non-finite natural gradients
+    skipped = [bool(s.info["skipped"]) for _, s in history]
+    assert sum(skipped) == int(last.num_skipped)
+    assert all(not bool(s.info["finite"]) for _, s in history if bool(s.info["skipped"]))
+    unguarded = _diverging_run(guard=False)
+    assert not all(finite for finite, _ in unguarded)
+
+
+def test_chain_order_mistake_shows_in_grad_cosine():
+    """``optax.sgd`` placed before the transformation: recorded cosine −1 (documented)."""
+    model, params, x, y = _classification()
+    fam = nc.Categorical()
+    grads = jax.grad(lambda p: _loss(model, fam, p, x, y))(params)
+    right = optax.chain(nc.scale_by_natural_gradient(model, fam, damping=1e-3), optax.sgd(0.1))
+    wrong = optax.chain(optax.sgd(0.1), nc.scale_by_natural_gradient(model, fam, damping=1e-3))
+    _, s_right = _update(right, grads, right.init(params), params, x=x, y=y)
+    _, s_wrong = _update(wrong, grads, wrong.init(params), params, x=x, y=y)
+    np.testing.assert_allclose(float(s_right[0].info["grad_cosine"]), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(float(s_wrong[1].info["grad_cosine"]), -1.0, rtol=1e-12)
+
+
+def test_state_info_keys_are_fixed_and_carry_solver_statistics():
+    """The info has the same structure at init and after a step; solver stats land in it."""
+    model, params, x, y = _classification()
+    fam = nc.Categorical()
+    tx = nc.scale_by_natural_gradient(model, fam, solver="cg", damping=1e-3)
+    state = tx.init(params)
+    _, new = _update(tx, params, state, params, x=x, y=y)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(new)
+    assert int(new.info["result"]) == nc.RESULTS.successful and bool(new.info["converged"])
+    assert int(new.info["num_steps"]) > 0
+    norms = jax.tree_util.tree_leaves(new.info["leaf_step_norm"])
+    np.testing.assert_allclose(
+        float(jnp.sqrt(sum(n**2 for n in norms))), float(new.info["step_norm"]), rtol=1e-12
+    )
+
+
+def test_modular_state_records_per_map_cuts():
+    """``method="modular"``: per-map ``num_cut`` in the state, filled at init from a batch."""
+    model, params, x, y = _classification()
+    fam = nc.Categorical()
+    tx = nc.scale_by_natural_gradient(model, fam, method="modular", rcond=0.5, example_batch=(x, y))
+    state = tx.init(params)
+    _, new = _update(tx, params, state, params, x=x, y=y)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(new)
+    maps = new.info["maps"]
+    assert any(k.endswith("_tanh") for k in maps)
+    total = sum(int(m["num_cut"]) for m in maps.values())
+    assert total == int(new.info["num_cut"]) and total > 0  # rcond 0.5 cuts something
+    ref = nc.grad(model, fam, rcond=0.5, return_stats=True)(params, x, y)[1]
+    assert int(ref["num_cut"]) == total
+
+
+def test_optimiser_is_deterministic_for_mc():
+    """Same seed, same batches: bit-identical parameters after three ``kind="mc"`` steps."""
+    model, params, x, y = _classification()
+    fam = nc.Categorical()
+
+    def run():
+        tx = optax.chain(
+            nc.scale_by_natural_gradient(model, fam, kind="mc", damping=1e-3, seed=5),
+            optax.sgd(0.1),
+        )
+        p, s = params, tx.init(params)
+        for _ in range(3):
+            u, s = _update(tx, p, s, p, x=x, y=y)
+            p = optax.apply_updates(p, u)
+        return _flat(p)
+
+    assert np.array_equal(run(), run())

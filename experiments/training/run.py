@@ -198,6 +198,11 @@ def train(setting, method, seed, level, *, lr=None, damping=None, cache=None, ve
             if not record(k):
                 status, note = "diverged", f"non-finite loss or parameters by step {k}"
                 break
+            # The optimiser's guard replaces non-finite natural gradients by zeros: a run
+            # that needed it diverged as surely as one whose parameters went NaN.
+            if mcfg["type"] != "sgd" and int(state[0].num_skipped) > 0:
+                status, note = "diverged", f"non-finite natural gradient (skipped) by step {k}"
+                break
     bar.close()
     if step_times:
         rows.append(

@@ -17,8 +17,9 @@ from natchain._modular._interpreter import (
     zeros_for,
 )
 from natchain._natural_gradient import natural_gradient
-from natchain._problem import KINDS, check_family, output_factor
+from natchain._problem import KINDS, build_problem, check_family, output_factor, validate_inputs
 from natchain._sharding import call_on_mesh
+from natchain._status import finish
 
 METHODS = ("modular", "exact")
 
@@ -78,6 +79,7 @@ def _record_chain(model, params, x, granularity, rcond, fallback, strict=False):
 
 
 def _stats_dict(stats, fanouts):
+    """Per-map statistics of the backward chain: ``maps``, ``num_cut``, ``num_fanouts``."""
     maps, total = {}, jnp.zeros((), jnp.int32)
     for j, (node, st) in enumerate(stats):
         if st is None:
@@ -194,8 +196,19 @@ def _modular_grad(
     fanouts = set()
     nat, stats = chain.backward(out_ids, [n_eta], leaf_ids, on_fanout=lambda i, k: fanouts.add(i))
     res = [nat.get(i, jnp.zeros_like(leaf)) for i, leaf in zip(leaf_ids, leaves, strict=True)]
-    stats = _stats_dict(stats, fanouts) if with_stats else None
-    return loss, jax.tree_util.tree_unflatten(treedef, res), stats, eta
+    nat_tree = jax.tree_util.tree_unflatten(treedef, res)
+    if with_stats:
+        stats = _stats_dict(stats, fanouts)
+        # The shared schema: is the modular step a natural gradient, F m = g? (one FVP)
+        prob = build_problem(
+            model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples
+        )
+        flat_m = prob.ravel(nat_tree)
+        shared = finish(prob, 0.0, flat_m, None, {"num_cut": stats["num_cut"]})
+        stats = {**shared, **stats}
+    else:
+        stats = None
+    return loss, nat_tree, stats, eta
 
 
 def value_and_grad(
@@ -254,9 +267,8 @@ def value_and_grad(
             return (loss, sol.value, sol.stats) if return_stats else (loss, sol.value)
         if kind == "mc" and key is None:
             raise ValueError("kind='mc' needs a PRNG `key`: call fn(params, x, y, key=key).")
-        check_float_params(params)
-        check_finite(params, "params")
-        check_finite(x, "x")
+        # The exact route's validation, so both routes refuse the same input the same way.
+        validate_inputs(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
         loss, nat, stats, eta = call_on_mesh(modular, params, x, y, key)
         check_finite(eta, "model output")
         family.check_targets(y, eta)
@@ -327,9 +339,12 @@ def grad(
         num_samples: samples per example for ``kind="mc"``.
         solver, damping, **solver_options: passed to :func:`natchain.natural_gradient`
             (``method="exact"`` only; the modular method refuses damping).
-        return_stats: also return statistics. Modular: ``{"maps": {key: {"rank",
-            "num_cut", "condition"}}, "num_cut": total, "num_fanouts": …}`` with one entry
-            per map in backward order (keys ``"<index>_<kind>_<name>"``). Exact: the
+        return_stats: also return statistics. Modular: the shared keys of
+            :data:`natchain.STAT_KEYS` (``result`` is ``successful`` when the modular step
+            solves ``F m = g`` to ``tol``, checked by one Fisher-vector product; ``num_cut``
+            is the total over maps) plus ``{"maps": {key: {"rank", "num_cut",
+            "condition"}}, "num_fanouts": …}`` with one entry per map in backward order
+            (keys ``"<index>_<kind>_<name>"``); see docs/statistics.md. Exact: the
             solver's statistics.
         strict: at ``granularity="layer"``, raise ``natchain.StructureError`` where a
             :class:`natchain.StructureWarning` would say that no layer was found or that a

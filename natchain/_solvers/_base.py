@@ -1,10 +1,12 @@
-"""The interface every exact solver implements."""
+"""The interface every exact solver implements, and the dense helpers they share."""
 
 from __future__ import annotations
 
 import abc
 
 import jax.numpy as jnp
+
+from natchain._status import finish
 
 #: Dense solvers refuse problems with more parameters than this unless told otherwise.
 DEFAULT_MAX_PARAMS = 8192
@@ -13,17 +15,54 @@ DEFAULT_MAX_PARAMS = 8192
 class AbstractSolver(abc.ABC):
     """Solves ``(F_theta + damping·I) n = g`` (minimum-norm when ``damping == 0``).
 
-    Subclasses are small, configured at construction (bad configuration is refused
-    there, naming the argument) and return ``(flat_solution, stats)``: value-dependent
-    trouble — rank deficiency, a cut-off, CG not converging — is reported in ``stats``,
-    never raised from inside a trace.
+    Subclasses are small and configured at construction (bad configuration is refused
+    there, naming the argument). They implement :meth:`compute`; :meth:`solve` then checks
+    the answer on the original system by one Fisher-vector product and returns
+    ``(flat_solution, stats)`` with the statistics of :data:`natchain.STAT_KEYS`:
+    value-dependent trouble — rank deficiency, a cut-off, CG not converging, a residual
+    above ``tol`` — is reported in ``stats["result"]``, never raised from inside a trace.
+
+    Args (shared by every solver):
+        tol: the residual test ``‖(F + λI) n − g‖ ≤ tol · ‖g‖`` that decides success
+            (``None``: :func:`natchain.default_tol` of the problem's dtype).
+        check_float64: run the residual test in float64 (parameters, inputs and the
+            solution widened; needs ``jax_enable_x64``), reported as ``residual_float64``.
     """
 
     name: str = "abstract"
 
+    def __init__(self, tol: float | None = None, check_float64: bool = False):
+        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be > 0 (or None for the dtype's default); got {tol!r}.")
+        if not isinstance(check_float64, bool):
+            raise ValueError(f"check_float64 must be True or False; got {check_float64!r}.")
+        self.tol = tol
+        self.check_float64 = check_float64
+
     @abc.abstractmethod
+    def compute(self, problem, damping) -> tuple[jnp.ndarray, dict]:
+        """Return the flat natural gradient and what the solver measured.
+
+        The measured statistics may include any of ``rank``, ``num_cut``, ``cutoff``,
+        ``condition``, ``num_steps``, ``size``, ``hit_cap`` (an iterative solver stopped
+        at its step cap) and solver-specific extras.
+        """
+
     def solve(self, problem, damping) -> tuple[jnp.ndarray, dict]:
-        """Return the flat natural gradient and a dict of statistics."""
+        """Solve, then check the answer on the original system (see the class docstring)."""
+        flat, measured = self.compute(problem, damping)
+        measured = dict(measured)
+        hit_cap = measured.pop("hit_cap", False)
+        stats = finish(
+            problem,
+            damping,
+            flat,
+            self.tol,
+            measured,
+            check_float64=self.check_float64,
+            hit_cap=hit_cap,
+        )
+        return flat, stats
 
     # Solvers are configuration: hashable by their settings, so they can be static
     # arguments of ``jax.jit``.
@@ -49,33 +88,48 @@ def check_dense_size(num_params: int, max_params: int | None, solver: str) -> No
         )
 
 
-def default_rcond(n: int, dtype) -> float:
-    """The cut-off relative to the largest eigenvalue: ``n · eps`` (as LAPACK's lstsq)."""
-    return float(n * jnp.finfo(dtype).eps)
+def check_rcond(rcond) -> None:
+    if rcond is not None and not (isinstance(rcond, (int, float)) and 0 <= rcond < 1):
+        raise ValueError(f"rcond must lie in [0, 1) or be None; got {rcond!r}.")
 
 
-def eigh_pinv_apply(mat, rhs, rcond):
-    """Apply the pseudo-inverse of the symmetric PSD ``mat`` to ``rhs`` by ``eigh``.
+def default_rcond(n: int, dtype, damping):
+    """The cut-off relative to the largest eigenvalue of ``A + λI``.
 
-    Eigenvalues ``≤ rcond · max eigenvalue`` are cut. Returns ``(solution, stats)``.
+    Undamped: ``n · eps`` (as LAPACK's least squares): eigenvalues below it are round-off.
+    Damped: ``eps``. Every eigenvalue of ``A + λI`` is at least ``λ`` (the computed
+    eigenvalues of ``A`` are clipped at zero before ``λ`` is added), so only a damping
+    below the eigensolver's own resolution ``eps · λ_max`` leaves anything to cut: the
+    cut-off never discards a direction the damping has made well-conditioned.
     """
+    eps = float(jnp.finfo(dtype).eps)
+    return jnp.where(jnp.asarray(damping) > 0, eps, n * eps)
+
+
+def eigh_pinv(mat, damping, rcond=None):
+    """Eigendecompose the symmetric PSD ``mat`` for applying ``(mat + λI)⁺``.
+
+    Eigenvalues of ``mat + λI`` at or below ``rcond · max eigenvalue`` are cut
+    (``rcond=None``: :func:`default_rcond`). Returns ``(apply, stats)`` with ``apply(rhs)``
+    the product with that pseudo-inverse.
+    """
+    n = mat.shape[0]
+    rcond = default_rcond(n, mat.dtype, damping) if rcond is None else rcond
     w, v = jnp.linalg.eigh(mat)
-    cutoff = rcond * jnp.maximum(jnp.max(w), 0.0)
-    keep = w > cutoff
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0)
-    sol = v @ (inv[..., None] * (v.T @ rhs)) if rhs.ndim > 1 else v @ (inv * (v.T @ rhs))
+    d = jnp.maximum(w, 0.0) + damping  # a PSD matrix: negative eigenvalues are round-off
+    cutoff = rcond * jnp.max(d)
+    keep = d > cutoff
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, d, 1.0), 0.0)
+
+    def apply(rhs):
+        return v @ (inv * (v.T @ rhs))
+
     rank = jnp.sum(keep)
     stats = {
         "rank": rank,
-        "num_cut": mat.shape[0] - rank,
+        "num_cut": n - rank,
         "cutoff": cutoff,
-        "condition": jnp.max(w) / jnp.min(jnp.where(keep, w, jnp.inf)),
+        "condition": jnp.max(d) / jnp.min(jnp.where(keep, d, jnp.inf)),
+        "size": n,
     }
-    return sol, stats
-
-
-def relative_residual(matvec, sol, rhs):
-    """``‖A x − b‖ / ‖b‖`` (0 when ``b = 0``)."""
-    r = matvec(sol) - rhs
-    nb = jnp.linalg.norm(rhs)
-    return jnp.where(nb > 0, jnp.linalg.norm(r) / jnp.where(nb > 0, nb, 1.0), jnp.linalg.norm(r))
+    return apply, stats

@@ -1,14 +1,22 @@
 """The ``N·r`` push-through (Gram) route: solve in output space, map back with one VJP.
 
-With ``B = Mᵀ J`` (``M`` the block-diagonal output-Fisher factor, ``F_theta = Bᵀ B``) and
-``C = B Bᵀ = Mᵀ K M`` (``K = J Jᵀ``, the empirical NTK):
+With ``B = Mᵀ J`` (``M`` the block-diagonal output-Fisher factor, ``F_theta = Bᵀ B``),
+``C = B Bᵀ = Mᵀ K M`` (``K = J Jᵀ``, the empirical NTK) and ``b`` the output cotangent
+(``g = Jᵀ b``), pick any coefficients ``c̃`` and split ``b = M c̃ + z``. Then, exactly,
 
-- if ``g = Bᵀ c`` for a known ``c`` (true and empirical Fisher: ``b`` lies in the range of
-  ``F_blk``), then ``(BᵀB + λI)⁺ g = Bᵀ (C + λI)⁺ c`` — the minimum-norm answer even when
-  ``F_eta`` is singular (softmax), unlike the naive ``Jᵀ (F_blk K)⁺ b``;
-- otherwise (Monte-Carlo Fisher) ``g`` is split into ``Bᵀ c*`` with ``c* = C⁺ B g`` and a
-  part ``g⊥`` in the null space of ``F_theta``, which contributes ``g⊥ / λ`` when damped
-  and nothing when undamped (least squares, as the dense pseudo-inverse).
+- damped: ``(F + λI)⁻¹ g = Jᵀ u`` with ``u = M (C + λI)⁻¹ (c̃ − r/λ) + z/λ`` and
+  ``r = Mᵀ K z`` (``= B g − C c̃``);
+- undamped: ``F⁺ g = Jᵀ M C⁺ (c̃ + C⁺ r)`` — the minimum-norm least-squares answer, as
+  the dense pseudo-inverse (``C⁺ C⁺ B g`` with ``B g = C c̃ + r``), also when ``F_eta``
+  is singular (softmax), unlike the naive ``Jᵀ (F_blk K)⁺ b``.
+
+Any ``c̃`` gives the same answer; a good one makes the corrections small. natchain takes
+``c̃_i = M_i⁺ b_i`` per example with a cut-off at ``√eps`` of the factor's largest singular
+value: where the family's factor is tiny (a class probability near zero) the exact
+``M_i⁺ b_i`` would be astronomically large (``1/√p``) and its round-off would swamp the
+rest; the cut part stays in ``z`` and is handled by the formulas above, through products
+of bounded quantities only. This holds for every Fisher kind (for Monte-Carlo and
+empirical Fishers ``b`` need not lie in the range of ``M``: ``z`` carries the rest).
 
 ``C`` comes from per-layer structure where the model's dense layers are recognised
 (:mod:`natchain._gram`), else from a materialised Jacobian.
@@ -21,48 +29,58 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from natchain._gram import factor_gram
-from natchain._sharding import GramRows, solve_rows
-from natchain._solvers._base import (
-    AbstractSolver,
-    default_rcond,
-    eigh_pinv_apply,
-    relative_residual,
-)
+from natchain._sharding import GramRows, system_rows
+from natchain._solvers._base import AbstractSolver, check_rcond, eigh_pinv
 
 
-def _range_coefficients(problem):
-    """``c`` with ``Mᵀ``-coordinates such that ``M c = b`` exactly (true / empirical Fisher)."""
-    ms, b, eta = problem.factor, problem.cotangent, problem.eta
-    n = eta.shape[0]
-    if problem.kind == "true":
-        # M_s = M / sqrt(N) and F_blk⁺ = N · blockdiag(F_i⁺): c = M_sᵀ F_blk⁺ b.
-        nat = jax.vmap(problem.family.natural_cotangent)(eta, b)
-        return n * jnp.einsum("nmr,nm->nr", ms, nat)
-    # empirical: one column per example, b_i = -s_i / N lies on it.
-    col = ms[:, :, 0]
-    nrm2 = jnp.sum(col * col, axis=1)
-    safe = jnp.where(nrm2 > 0, nrm2, 1.0)
-    return (jnp.where(nrm2 > 0, jnp.sum(col * b, axis=1) / safe, 0.0))[:, None]
+def _split_cotangent(problem, b):
+    """``c̃`` (``(N·r,)``), ``z = b − M c̃`` (``(N, m)``) and ``r = Mᵀ K z`` (``(N·r,)``)."""
+    ms = problem.factor
+    rtol = float(jnp.finfo(ms.dtype).eps) ** 0.5
+    coef = jax.vmap(lambda m, v: jnp.linalg.pinv(m, rtol=rtol) @ v)(ms, b)
+    z = b - jnp.einsum("nmr,nr->nm", ms, coef)
+    kz = problem.jvp(problem.vjp(z))
+    r = jnp.einsum("nmr,nm->nr", ms, kz).reshape(-1)
+    return coef.reshape(-1), z, r
 
 
 class Gram(AbstractSolver):
     """Exact natural gradient through the ``N·r × N·r`` matrix ``C = Mᵀ K M``.
 
     Args:
-        rcond: cut-off for the pseudo-inverse of ``C`` (``None``: ``N·r · eps``).
+        rcond: cut-off for the pseudo-inverse of ``C + λI`` (``None``: ``N·r · eps``
+            undamped, ``eps`` damped; see :func:`natchain._solvers._base.default_rcond`).
         structured: build ``C`` from per-layer structure where dense layers are recognised
             (``"auto"``/``True``) or from the materialised Jacobian (``False``).
         factorization: ``"eigh"`` (pseudo-inverse, reports rank and cut-off),
             ``"cholesky"`` (damped only, fastest) or ``"auto"`` (Cholesky when the damping
-            is a positive constant and the Fisher kind keeps ``g`` in range, else eigh).
+            is known to be positive, else eigh).
+        refine: steps of iterative refinement (each one more product with ``K`` and one
+            more solve with the same factorisation): ``(F + λI) n − g = Jᵀ (F_blk K u +
+            λu − b)`` for ``n = Jᵀ u``, so the residual stays in output space.
         rows: shard the system by rows over a mesh axis: an axis name, a tuple of them,
-            or a :class:`natchain._sharding.GramRows` (docs/sharding.md); ``None``: one
-            matrix, placed by XLA.
+            or a :class:`natchain.GramRows` (docs/sharding.md); ``None``: one matrix,
+            placed by XLA.
+        tol, check_float64: the residual test, see :class:`AbstractSolver`.
     """
 
     name = "gram"
 
-    def __init__(self, rcond=None, structured="auto", factorization="auto", rows=None):
+    def __init__(
+        self,
+        rcond=None,
+        structured="auto",
+        factorization="auto",
+        refine: int = 1,
+        tol: float | None = None,
+        check_float64: bool = False,
+        rows=None,
+    ):
+        super().__init__(tol, check_float64)
+        if not (isinstance(refine, int) and refine >= 0):
+            raise ValueError(f"refine must be a non-negative integer; got {refine!r}.")
+        self.refine = refine
+        check_rcond(rcond)
         if structured not in ("auto", True, False):
             raise ValueError(f"structured must be 'auto', True or False; got {structured!r}.")
         if factorization not in ("auto", "eigh", "cholesky"):
@@ -74,41 +92,48 @@ class Gram(AbstractSolver):
         self.factorization = factorization
         self.rows = GramRows.of(rows)
 
-    def _use_cholesky(self, problem, damping):
-        positive = problem.damped is True
+    def _use_cholesky(self, problem):
         if self.factorization == "cholesky":
-            if not problem.in_range:
-                raise ValueError("factorization='cholesky' is not available for kind='mc'.")
             if problem.damped is False:
                 raise ValueError("factorization='cholesky' needs damping > 0.")
             return True
-        return self.factorization == "auto" and positive and problem.in_range
+        return self.factorization == "auto" and problem.damped is True
 
-    def solve(self, problem, damping):
-        if self.rows is not None:
-            return solve_rows(self, problem, damping, _range_coefficients)
+    def factorise(self, cmat, problem, damping):
+        """``(damped, undamped, stats)``: products with ``(C + λI)⁻¹`` and ``C⁺``.
+
+        ``undamped`` is ``None`` when the factorisation is Cholesky (damping known > 0).
+        """
+        if self._use_cholesky(problem):
+            eye = jnp.eye(cmat.shape[0], dtype=cmat.dtype)
+            factor = jsl.cho_factor(cmat + damping * eye, lower=True)
+            return (lambda v: jsl.cho_solve(factor, v)), None, {"size": cmat.shape[0]}
+        damped, stats = eigh_pinv(cmat, damping, self.rcond)
+        return damped, damped, stats  # undamped selected only where damping == 0: C⁺
+
+    def compute(self, problem, damping):
         ms = problem.factor
         n, m, r = ms.shape
-        cmat, gram_stats = factor_gram(problem, structured=self.structured)
-        rcond = default_rcond(n * r, cmat.dtype) if self.rcond is None else self.rcond
-        eye = jnp.eye(n * r, dtype=cmat.dtype)
-        if problem.in_range:
-            c = _range_coefficients(problem).reshape(-1)
-            extra = None
+        if self.rows is not None:
+            damped, undamped, stats = system_rows(self, problem, damping)
         else:
-            g = problem.gradient()
-            bg = jnp.einsum("nmr,nm->nr", ms, problem.jvp(g)).reshape(-1)
-            c, _ = eigh_pinv_apply(cmat, bg, rcond)
-            extra = problem.cotangent - jnp.einsum("nmr,nr->nm", ms, c.reshape(n, r))
-        if self._use_cholesky(problem, damping):
-            y = jsl.cho_solve(jsl.cho_factor(cmat + damping * eye, lower=True), c)
-            res = relative_residual(lambda v: cmat @ v + damping * v, y, c)
-            stats = {"residual": res, "converged": jnp.isfinite(res)}
-        else:
-            y, stats = eigh_pinv_apply(cmat + damping * eye, c, rcond)
-        u = jnp.einsum("nmr,nr->nm", ms, y.reshape(n, r))
-        if extra is not None:
-            u = u + jnp.where(damping > 0, extra / jnp.where(damping > 0, damping, 1.0), 0.0)
-        stats.update(gram_stats)
-        stats["size"] = jnp.asarray(n * r)
+            cmat, gram_stats = factor_gram(problem, structured=self.structured)
+            damped, undamped, stats = self.factorise(cmat, problem, damping)
+            stats.update(gram_stats)
+        positive = damping > 0
+        lam = jnp.where(positive, damping, 1.0)
+
+        def solve_u(b):
+            coef, z, resid = _split_cotangent(problem, b)
+            y = damped(coef - resid / lam)
+            if undamped is not None:
+                y = jnp.where(positive, y, undamped(coef + undamped(resid)))
+            u = jnp.einsum("nmr,nr->nm", ms, y.reshape(n, r))
+            return u + jnp.where(positive, z / lam, 0.0)
+
+        b = problem.cotangent
+        u = solve_u(b)
+        for _ in range(self.refine):  # iterative refinement on the output-space residual
+            ku = problem.jvp(problem.vjp(u))
+            u = u + solve_u(b - problem.apply_fblk(ku) - damping * u)
         return problem.vjp(u), stats

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from natchain._solvers._base import (
     DEFAULT_MAX_PARAMS,
     AbstractSolver,
     check_dense_size,
-    default_rcond,
-    eigh_pinv_apply,
-    relative_residual,
+    check_rcond,
+    eigh_pinv,
 )
 
 
 class Pinv(AbstractSolver):
-    """Build ``F_theta`` (``P × P``) and apply its pseudo-inverse by symmetric eigendecomposition.
+    """Build ``F_theta`` (``P × P``) and apply ``(F_theta + λI)⁺`` by symmetric eigendecomposition.
 
     Args:
-        rcond: eigenvalues ``≤ rcond · λ_max`` are cut (``None``: ``P · eps``); the
-            number cut and the absolute cut-off are reported as ``num_cut``, ``cutoff``.
+        rcond: eigenvalues of ``F + λI`` at or below ``rcond · λ_max`` are cut (``None``:
+            ``P · eps`` undamped, ``eps`` damped — never a direction the damping has made
+            well-conditioned); the number cut and the absolute cut-off are reported as
+            ``num_cut`` and ``cutoff``.
         max_params: refuse ``P`` above this (``None``: no limit).
+        tol, check_float64: the residual test, see :class:`AbstractSolver`.
     """
 
     name = "pinv"
 
-    def __init__(self, rcond: float | None = None, max_params: int | None = DEFAULT_MAX_PARAMS):
-        if rcond is not None and not (0 <= rcond < 1):
-            raise ValueError(f"rcond must lie in [0, 1); got {rcond!r}.")
+    def __init__(
+        self,
+        rcond: float | None = None,
+        max_params: int | None = DEFAULT_MAX_PARAMS,
+        tol: float | None = None,
+        check_float64: bool = False,
+    ):
+        super().__init__(tol, check_float64)
+        check_rcond(rcond)
         self.rcond = rcond
         self.max_params = max_params
 
-    def solve(self, problem, damping):
-        p = problem.num_params
-        check_dense_size(p, self.max_params, self.name)
+    def compute(self, problem, damping):
+        check_dense_size(problem.num_params, self.max_params, self.name)
         b = problem.factor_jacobian()
-        fisher = b.T @ b + damping * jnp.eye(p, dtype=b.dtype)
-        g = problem.gradient()
-        rcond = default_rcond(p, b.dtype) if self.rcond is None else self.rcond
-        sol, stats = eigh_pinv_apply(fisher, g, rcond)
-        stats["residual"] = relative_residual(lambda v: fisher @ v, sol, g)
-        return sol, stats
+        apply, stats = eigh_pinv(b.T @ b, damping, self.rcond)
+        return apply(problem.gradient()), stats
