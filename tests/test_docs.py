@@ -26,17 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SCRIPTS = sorted((DOCS / "tutorials").glob("*.py")) + sorted((DOCS / "howto").glob("*.py"))
 
-# Scripts whose ``modular`` section needs layer granularity to recognise the framework's
-# dense layer (Flax ``Dense`` / ``nnx.Linear`` with a bias, ``eqx.nn.Linear``) as one map.
-# Until it does, that section is expected to fail and the rest of the script must pass;
-# once the whole script passes, the test fails until its name is removed here.
-LAYER_RECOGNITION_PENDING = {"flax_linen.py", "flax_nnx.py", "equinox_models.py"}
-
-# Third-party packages a script needs beyond the test extra. Without them the script is
-# skipped, with the reason; CI installs the docs extra and sets NATCHAIN_REQUIRE_DOCS_EXTRA,
-# which turns a missing package into a failure.
-NEEDS = {"flax_linen.py": "flax", "flax_nnx.py": "flax", "equinox_models.py": "equinox"}
-
 
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python *args`` from the repository root in a fresh interpreter."""
@@ -52,13 +41,6 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def _section(lines: list[str], name: str) -> tuple[int, int]:
-    """1-based line numbers of a snippet section's start and end markers."""
-    start = lines.index(f"# --8<-- [start:{name}]") + 1
-    end = lines.index(f"# --8<-- [end:{name}]") + 1
-    return start, end
-
-
 def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.S | re.M)
 
@@ -69,55 +51,15 @@ def _python_blocks(markdown: str) -> list[str]:
 def test_docs_scripts_are_found():
     names = {p.name for p in SCRIPTS}
     assert {"quickstart.py", "modular_vs_exact.py", "training.py"} <= names
-    assert set(NEEDS) <= names and LAYER_RECOGNITION_PENDING <= names
-
-
-# Runs a script in three parts in one namespace: before its modular section, the section
-# (a failure there is recorded, not raised), and after it. Line numbers stay the file's.
-_SECTIONED = r"""
-import json, sys, traceback
-path, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-lines = open(path).read().splitlines(keepends=True)
-ns = {"__name__": "__main__", "__file__": path}
-part = lambda a, b: compile("\n" * a + "".join(lines[a:b]), path, "exec")
-exec(part(0, start - 1), ns)
-failure = None
-try:
-    exec(part(start - 1, end), ns)
-except Exception as err:
-    line = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == path][-1]
-    failure = {"line": line, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-exec(part(end, len(lines)), ns)
-print("SECTION-RESULT " + json.dumps(failure))
-"""
+    assert {"flax_linen.py", "flax_nnx.py", "equinox_models.py"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_docs_script_runs(script):
-    need = NEEDS.get(script.name)
-    if need is not None and importlib.util.find_spec(need) is None:
-        message = f"{script.name} needs {need} (the docs extra): pip install -e '.[docs]'"
-        if os.environ.get("NATCHAIN_REQUIRE_DOCS_EXTRA"):
-            pytest.fail(message)
-        pytest.skip(message)
-    if script.name not in LAYER_RECOGNITION_PENDING:
-        result = _run([str(script)])
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        return
-    lines = script.read_text().splitlines()
-    start, end = _section(lines, "modular")
-    result = _run(["-c", _SECTIONED, str(script), str(start), str(end)])
-    # Everything outside the modular section must run today.
+    """Every tutorial and how-to runs as a reader would run it (Flax and Equinox are in the
+    test extra, so the framework how-tos run here too)."""
+    result = _run([str(script)])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    failure = json.loads(result.stdout.rsplit("SECTION-RESULT ", 1)[1])
-    assert failure is not None, (
-        f"{script.name} now runs in full: remove it from LAYER_RECOGNITION_PENDING."
-    )
-    line = failure["line"]
-    pytest.xfail(
-        f"{script.name}: layer granularity does not yet recognise this framework's dense "
-        f"layer (line {line}: {lines[line - 1].strip()} -> {failure['error']})"
-    )
 
 
 def test_docs_every_script_is_shown_on_a_page():
@@ -235,17 +177,3 @@ def test_no_file_points_at_a_document_outside_the_project():
             if outside.search(line)
         ]
     assert not hits, hits
-
-
-def test_sectioned_runner_records_a_failing_section_and_runs_the_rest(tmp_path):
-    script = tmp_path / "demo.py"
-    body = ["a = 1", "# --8<-- [start:modular]", "raise ValueError('x')", "# --8<-- [end:modular]"]
-    script.write_text("\n".join([*body, "assert a == 1", "print('after')"]) + "\n")
-    result = _run(["-c", _SECTIONED, str(script), "2", "4"])
-    assert result.returncode == 0, result.stderr
-    assert "after" in result.stdout
-    assert json.loads(result.stdout.rsplit("SECTION-RESULT ", 1)[1])["line"] == 3
-    script.write_text("\n".join([*body[:2], "b = 2", body[3], "assert b == 2"]) + "\n")
-    result = _run(["-c", _SECTIONED, str(script), "2", "4"])
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.rsplit("SECTION-RESULT ", 1)[1]) is None

@@ -88,8 +88,9 @@ for name, (test_loss, _) in results.items():
 # The natural-gradient state carries the last step's statistics.
 _, state = results["natural (exact)"]
 info = state[0].info  # the first member of the chain: a NaturalGradientState
-print({k: float(v) for k, v in info.items()})
-assert bool(info["finite"])
+print({k: v for k, v in info.items() if jnp.ndim(v) == 0})  # the scalar statistics
+print("result:", nc.RESULTS(int(info["result"])).name, "skipped steps:", int(state[0].num_skipped))
+assert bool(info["finite"]) and int(state[0].num_skipped) == 0
 initial = float(loss(init(jax.random.PRNGKey(1)), *batch(jax.random.PRNGKey(7), 512)))
 for name, (test_loss, _) in results.items():
     assert test_loss < initial, (name, test_loss, initial)  # every optimiser learns
