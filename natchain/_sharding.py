@@ -253,18 +253,16 @@ def _sharded_cg(cmat, rhs, damping, rows, mesh, size):
             local = _ring_matvec(c_local, v, rows.axis, size)
             return jax.lax.all_gather(local, rows.axis, tiled=True) + damping * v
 
-        y, k, res = conjugate_gradient(matvec, rhs, tol=rows.tol, maxiter=maxiter)
-        return y, k, res
+        return conjugate_gradient(matvec, rhs, tol=rows.tol, maxiter=maxiter)
 
     run = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(spec, PartitionSpec(), PartitionSpec()),
-        out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec()),
+        out_specs=(PartitionSpec(), PartitionSpec()),
         check_vma=False,
     )
-    y, k, _ = run(cmat, rhs, jnp.asarray(damping, rhs.dtype))
-    return y, k
+    return run(cmat, rhs, jnp.asarray(damping, rhs.dtype))
 
 
 def _gathered(cmat, rows, mesh, size):
