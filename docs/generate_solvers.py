@@ -38,6 +38,8 @@ def _settings():
     """The benchmark's settings and the solvers' defaults, read from the code."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    import jax.numpy as jnp
+
     import natchain as nc
     from benchmarks import bench
 
@@ -49,7 +51,9 @@ def _settings():
         "cg_maxiter": bench.CG_MAXITER,
         "family": type(bench.FAMILY).__name__,
         "max_params": _default(nc.Pinv, "max_params"),
-        "cg_default_tol": _default(nc.CG, "tol"),
+        "cg_default_tol": {
+            str(jnp.dtype(dt)): nc.default_tol(dt) for dt in (jnp.float64, jnp.float32)
+        },
         "solvers": tuple(nc.SOLVERS),
     }
 
@@ -99,9 +103,10 @@ def render(results: dict, settings: dict) -> str:
         "| `gram` | `N·r × N·r` system `Mᵀ K M + λI` in output space | nothing (exact also "
         "undamped and for softmax outputs) | `O((N·r)³)` plus one backward pass per output "
         "coordinate | rank, cut-off, residual |",
-        "| `cg` | matrix-free conjugate gradient | a tolerance (default "
-        f"`tol={settings['cg_default_tol']:g}`); damping for a bounded step count | one "
-        "Fisher-vector product per step | `num_steps`, residual, `converged` |",
+        "| `cg` | matrix-free conjugate gradient | a tolerance (default from the dtype: "
+        + ", ".join(f"`{tol:g}` in {dt}" for dt, tol in settings["cg_default_tol"].items())
+        + "); damping for a bounded step count | one Fisher-vector product per step | "
+        "`num_steps`, residual, `converged` |",
         "",
         "## Rules of thumb",
         "",
