@@ -51,6 +51,11 @@ from jax.flatten_util import ravel_pytree
 import natchain as nc
 from natchain._solvers._base import DEFAULT_MAX_PARAMS
 
+# The MLP is bench.py's (one builder for every benchmark); run as a script, the repository
+# root is not on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench import init_mlp, mlp  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "peer.json"
 README = HERE / "README.md"
@@ -84,28 +89,6 @@ SLOW_CALL = 2.0
 
 
 # --------------------------------------------------------------------------- models
-
-
-def init_mlp(key, widths=(784, 128, 10)):
-    """A tanh MLP's parameters: a list of ``{"W", "b"}`` with ``W ~ N(0, 1/fan_in)``."""
-    keys = jax.random.split(key, len(widths) - 1)
-    return [
-        {
-            "W": jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a),
-            "b": jnp.zeros(b, jnp.float32),
-        }
-        for k, a, b in zip(keys, widths[:-1], widths[1:], strict=True)
-    ]
-
-
-def mlp(params, x):
-    """Logits of the tanh MLP."""
-    h = x
-    for i, layer in enumerate(params):
-        h = h @ layer["W"] + layer["b"]
-        if i < len(params) - 1:
-            h = jnp.tanh(h)
-    return h
 
 
 def cnn_out_length(length, layers=3, kernel=5, stride=2, pad=1):
