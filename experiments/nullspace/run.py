@@ -1,8 +1,9 @@
 """Train with four natural-gradient directions that differ in their null-space component.
 
 Every run starts from the same initialisation (``experiments.training.run.init_mlp``, seed
-``seed``), sees the same batches and takes steps of the same second-order KL on the batch
-(``config.KL_PER_STEP``); only the direction differs (``config.METHODS``). Rows per
+``seed``), sees the same batches and follows the same step rule (``config.LEARNING_RATE``
+inside a KL trust region of radius ``config.MAX_KL`` on the batch); only the direction
+differs (``config.METHODS``). Rows per
 (setting, method, seed), at step 0 and every ``eval_every`` steps:
 
 - ``train_loss`` (the whole training split), ``test_loss``, ``test_accuracy`` (the
@@ -94,14 +95,16 @@ def fisher_norm(params, x, s):
 
 @functools.cache
 def make_step(method):
-    """A jitted ``(params, x, y) -> (new params, s, α, finite)`` with the KL-normalised step."""
+    """A jitted ``(params, x, y) -> (new params, s, α, finite)``: the trust-region step."""
     direction = direction_fn(method)
 
     @jax.jit
     def step(params, x, y):
         s = direction(params, x, y)
         fn = fisher_norm(params, x, s)
-        alpha = math.sqrt(2.0 * config.KL_PER_STEP) / jnp.where(fn > 0, fn, 1.0)
+        alpha = jnp.minimum(
+            config.LEARNING_RATE, math.sqrt(2.0 * config.MAX_KL) / jnp.where(fn > 0, fn, 1.0)
+        )
         new = jax.tree.map(lambda p, d: p - alpha * d, params, s)
         flat_s = ravel_pytree(s)[0]
         finite = jnp.all(jnp.isfinite(flat_s)) & (fn > 0) & jnp.isfinite(alpha)
@@ -168,7 +171,8 @@ def train(setting, method, seed, level, verbose=True):
         "steps": lvl["steps"],
         "eval_every": lvl["eval_every"],
         "method": method,
-        "kl_per_step": config.KL_PER_STEP,
+        "learning_rate": config.LEARNING_RATE,
+        "max_kl": config.MAX_KL,
         "damping": config.DAMPING,
         "rcond": rcond_option() if method == "modular-rcond" else None,
         "saturated": config.SATURATED,

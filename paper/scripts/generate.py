@@ -728,12 +728,13 @@ def nullspace_table(summary) -> str | None:
 
 def nullspace_numbers(summary, runs) -> dict:
     """Means over seeds per setting and direction (``n/a`` where absent), the seed count,
-    the KL per step and damping the runs used, and whether the results are present."""
+    the learning rate, trust-region radius and damping the runs used, and whether the
+    results are present."""
     nums = {macro_name("nullspace", "present"): "yes" if summary else "no"}
     cfgs = [info.get("config", {}) for info in runs.values()]
     seeds = {info["seed"] for info in runs.values()}
     nums[macro_name("nullspace", "seeds")] = str(len(seeds)) if seeds else "n/a"
-    for key in ("kl_per_step", "damping"):
+    for key in ("learning_rate", "max_kl", "damping"):
         vals = sorted({c[key] for c in cfgs if key in c})
         nums[macro_name("nullspace", key)] = fmt(vals[0], 2) if len(vals) == 1 else "n/a"
     for setting in NULLSPACE_SETTINGS:
