@@ -673,20 +673,23 @@ NULLSPACE_SETTINGS = ("digits", "mnist1d")
 
 def nullspace_summary(rows, runs):
     """``{(setting, method): {metric: [per-seed value]}}``: final held-out accuracy and loss,
-    train loss and saturated fraction at each run's last step; per-run means of the step
-    metrics (null fraction, residual, cosine, step norm); statuses."""
+    train loss and saturated fraction at each run's last step (``nan`` for a run that did
+    not finish, so that the table says *diverged*); per-run means of the step metrics (null
+    fraction, residual, cosine, step norm) over the steps recorded; statuses."""
     series = {}
     for r in rows:
-        key = (r["setting"], r["method"], r["seed"])
+        key = (r["setting"], r["method"], r["seed"], r["run"])
         series.setdefault(key, {}).setdefault(r["metric"], []).append(
             (int(r["step"]), _value(r["value"]))
         )
     out = {}
-    for (setting, method, _), metrics in sorted(series.items()):
+    for (setting, method, _, run), metrics in sorted(series.items()):
         entry = out.setdefault((setting, method), {})
+        finished = runs.get(run, {}).get("status") == "ok"
         for metric in ("test_accuracy", "test_loss", "train_loss", "saturated_fraction"):
             if metric in metrics:
-                entry.setdefault(metric, []).append(max(metrics[metric])[1])
+                last = max(metrics[metric])[1] if finished else math.nan
+                entry.setdefault(metric, []).append(last)
         for metric in ("null_fraction", "residual", "cosine", "step_norm"):
             if metric in metrics:
                 entry.setdefault(metric, []).append(float(np.mean([v for _, v in metrics[metric]])))
