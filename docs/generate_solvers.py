@@ -107,6 +107,22 @@ def render(results: dict, settings: dict) -> str:
         + ", ".join(f"`{tol:g}` in {dt}" for dt, tol in settings["cg_default_tol"].items())
         + "); damping for a bounded step count | one Fisher-vector product per step | "
         "`num_steps`, residual, `converged` |",
+        "| `pcg` | conjugate gradient preconditioned by Kronecker-factored blocks of the "
+        "recognised dense layers (diagonal blocks elsewhere) | damping `λ > 0` (the "
+        "preconditioned iterates leave the range of `F_θ`: undamped, not minimum-norm) | a "
+        "fresh preconditioner (one backward pass per probe, `min(R, dim)³` per factor) plus "
+        "one Fisher-vector product per step | `num_steps`, residual, `converged`, "
+        "`kronecker_params` |",
+        "",
+        "`pcg` is exact by the same residual test as `cg`; its preconditioner changes the step "
+        "count only. `PCG.prepare(problem, damping)` returns the factors' eigendecompositions "
+        "as a pytree that `solve(problem, damping, prepared=...)` accepts back, also when "
+        "computed on another batch or at earlier parameters. On low-rank Fishers (`N·r` far "
+        "below `P`, small damping) plain CG converges in few steps and the Kronecker "
+        "preconditioner, which claims curvature on many directions where `F_θ` has none, "
+        "can need more steps than plain CG; it pays where the curvature is badly scaled "
+        "across input features (`tests/test_pcg.py`). Compare the step counts in "
+        "`results/cost/` before choosing it.",
         "",
         "## Rules of thumb",
         "",

@@ -36,7 +36,7 @@ from natchain._natural_gradient import (
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._sharding import GramRows
-from natchain._solvers import CG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
+from natchain._solvers import CG, PCG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
 from natchain._status import RESULTS, STAT_KEYS, SolverError, default_tol
 from natchain._structure._inspect import LeafRow, StructureTable, inspect_structure
 
@@ -71,6 +71,7 @@ __all__ = [
     "natural_vjp",
     "NaturalGradientState",
     "output_factor",
+    "PCG",
     "pick_output",
     "Pinv",
     "Poisson",

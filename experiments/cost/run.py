@@ -1,9 +1,10 @@
 """Run the cost experiment: per-step time of each route vs batch size and width.
 
 Rows: ``method`` = route, ``setting`` = ``batch=N|width=W``, metrics ``seconds`` (median
-step time), ``sgd_seconds`` (the SGD step timed just before it) and ``ratio``. The table
-gives each route's ratio at every point and the fitted log–log slopes of its time against
-batch size and against width.
+step time), ``sgd_seconds`` (the SGD step timed just before it), ``ratio`` and, for the
+iterative routes, ``steps`` (CG steps taken) and ``converged``. The table gives each
+route's ratio at every point and the fitted log–log slopes of its time against batch size
+and against width.
 """
 
 from __future__ import annotations
@@ -25,18 +26,25 @@ def _points(lvl):
     return pts
 
 
+def steps():
+    """Every route's jitted step: ``benchmarks/bench.py``'s, and the preconditioned CG."""
+    out = bench.routes()
+    out["pcg (true Fisher)"] = bench.exact_step("pcg", tol=bench.CG_TOL)
+    return out
+
+
 def measure(route, batch, width, reps):
-    """Median seconds of ``route`` and of an SGD step on the same model and batch."""
+    """Median seconds of ``route`` and of an SGD step, and the route's solver statistics."""
     key = jax.random.PRNGKey(0)
     params = bench.init_mlp(key, (784, width, 10))
     kx, ky, kk = jax.random.split(jax.random.fold_in(key, batch), 3)
     x = jax.random.normal(kx, (batch, 784), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, 10)
     t_sgd, _ = bench.time_call(bench.sgd_step(), (params, x, y), reps)
-    step = bench.routes()[route]
+    step = steps()[route]
     args = (params, x, y) if "modular" in route else (params, x, y, kk)
-    t, _ = bench.time_call(step, args, reps)
-    return t, t_sgd
+    t, out = bench.time_call(step, args, reps)
+    return t, t_sgd, out[2] or {}
 
 
 def slope(xs, ts):
@@ -82,6 +90,25 @@ def summary_table(rows, lvl):
     sb = slope(*_series(rows, first, "batch", "width", lvl["width"], "sgd_seconds"))
     sw = slope(*_series(rows, first, "width", "batch", lvl["batch"], "sgd_seconds"))
     lines.append("| SGD step | " + " | ".join("1×" for _ in pts) + f" | {sb:.2f} | {sw:.2f} |")
+    steps = {(r["method"], r["setting"]): r["value"] for r in rows if r["metric"] == "steps"}
+    done = {(r["method"], r["setting"]): r["value"] for r in rows if r["metric"] == "converged"}
+    iterative = [rt for rt in lvl["routes"] if any(k[0] == rt for k in steps)]
+    if iterative:
+        lines += [
+            "",
+            "CG steps taken by the iterative routes (* where the residual test failed).",
+            "",
+            "| route | " + " | ".join(head) + " |",
+            "| --- |" + " ---: |" * len(pts),
+        ]
+        for route in iterative:
+            cells = []
+            for b, w in pts:
+                k = (route, f"batch={b}|width={w}")
+                v = steps.get(k)
+                bad = "" if float(done.get(k, 1.0)) else "*"
+                cells.append("–" if v is None else f"{int(float(v))}{bad}")
+            lines.append(f"| {route} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,8 +156,12 @@ def main(level="quick", seeds=None, root=None, fresh=False, verbose=True):
             cfg = {"batch": batch, "width": width, "reps": lvl["reps"], "route": route}
 
             def run(route=route, batch=batch, width=width):
-                t, t_sgd = measure(route, batch, width, lvl["reps"])
-                return {"seconds": t, "sgd_seconds": t_sgd, "ratio": t / t_sgd}
+                t, t_sgd, stats = measure(route, batch, width, lvl["reps"])
+                row = {"seconds": t, "sgd_seconds": t_sgd, "ratio": t / t_sgd}
+                if "num_steps" in stats and "cg" in route:
+                    row["steps"] = int(stats["num_steps"])
+                    row["converged"] = float(bool(stats["converged"]))
+                return row
 
             record_measurement(store, route, setting, 0, run, config=cfg)
     bar.close()

@@ -4,9 +4,19 @@ from natchain._solvers._base import AbstractSolver
 from natchain._solvers.cg import CG, conjugate_gradient
 from natchain._solvers.cholesky import Cholesky
 from natchain._solvers.gram import Gram
+from natchain._solvers.pcg import PCG
 from natchain._solvers.pinv import Pinv
 
 #: Solver names accepted by ``natural_gradient(..., solver=name)``.
-SOLVERS = {cls.name: cls for cls in (Pinv, Cholesky, Gram, CG)}
+SOLVERS = {cls.name: cls for cls in (Pinv, Cholesky, Gram, CG, PCG)}
 
-__all__ = ["AbstractSolver", "CG", "Cholesky", "Gram", "Pinv", "SOLVERS", "conjugate_gradient"]
+__all__ = [
+    "AbstractSolver",
+    "CG",
+    "Cholesky",
+    "Gram",
+    "PCG",
+    "Pinv",
+    "SOLVERS",
+    "conjugate_gradient",
+]

@@ -45,12 +45,42 @@ class AbstractSolver(abc.ABC):
 
         The measured statistics may include any of ``rank``, ``num_cut``, ``cutoff``,
         ``condition``, ``num_steps``, ``size``, ``hit_cap`` (an iterative solver stopped
-        at its step cap) and solver-specific extras.
+        at its step cap) and solver-specific extras. A solver that overrides
+        :meth:`prepare` takes its result as a third argument ``prepared`` (``None``:
+        prepare afresh).
         """
 
-    def solve(self, problem, damping) -> tuple[jnp.ndarray, dict]:
-        """Solve, then check the answer on the original system (see the class docstring)."""
-        flat, measured = self.compute(problem, damping)
+    def prepare(self, problem, damping):
+        """State worth keeping across solves (a preconditioner), as a pytree of arrays.
+
+        The default prepares nothing (``None``). A solver that returns state here accepts
+        it back through ``solve(problem, damping, prepared=...)``, also when it was
+        prepared on another batch or at other parameters: prepared state may only change
+        how fast the solver gets there, never what ``solve`` returns as successful.
+        """
+        return None
+
+    def solve(self, problem, damping, prepared=None) -> tuple[jnp.ndarray, dict]:
+        """Solve, then check the answer on the original system (see the class docstring).
+
+        Args:
+            problem: the :class:`natchain._problem.Problem`.
+            damping: ``λ``.
+            prepared: what :meth:`prepare` returned (possibly for another problem of the
+                same model), or ``None``.
+
+        Raises:
+            ValueError: ``prepared`` given to a solver that prepares nothing.
+        """
+        if prepared is None:
+            flat, measured = self.compute(problem, damping)
+        elif type(self).prepare is AbstractSolver.prepare:
+            raise ValueError(
+                f"prepared was given, but solver {self.name!r} prepares nothing "
+                "(its prepare() returns None); pass prepared=None."
+            )
+        else:
+            flat, measured = self.compute(problem, damping, prepared)
         measured = dict(measured)
         hit_cap = measured.pop("hit_cap", False)
         stats = finish(

@@ -619,10 +619,11 @@ def census_numbers(rows: list[dict]) -> dict:
 COST_ROUTES = (
     ("gram (true Fisher)", "gram"),
     ("cg (true Fisher)", "cg"),
+    ("pcg (true Fisher)", "pcg"),
     ("modular, layer granularity", "modular"),
 )
 COST_WIDTH = 128
-COST_BATCHES = (32, 128)
+COST_BATCHES = (32, 128, 512)
 
 
 def cost_points(rows, metric="seconds", width=COST_WIDTH):
@@ -646,14 +647,24 @@ def cost_slope(points) -> float:
 
 
 def cost_numbers(rows) -> dict:
+    """Per quoted route: the log–log slope of time in batch size, its ratio to SGD at each
+    quoted batch and, for the iterative routes, the CG steps taken there."""
     secs, ratios = cost_points(rows), cost_points(rows, "ratio")
+    steps = cost_points(rows, "steps")
     nums = {macro_name("cost", "width"): str(COST_WIDTH)}
     for route, label in COST_ROUTES:
-        nums[macro_name("cost", label, "slope")] = fmt(cost_slope(secs.get(route, [])), 2)
+        pts = secs.get(route, [])
+        nums[macro_name("cost", label, "slope")] = fmt(cost_slope(pts), 2) if pts else "n/a"
         by_batch = dict(ratios.get(route, []))
+        by_steps = dict(steps.get(route, []))
         for b in COST_BATCHES:
             v = by_batch.get(b)
             nums[macro_name("cost", label, "ratio", str(b))] = fmt(v, 2) if v else "n/a"
+            if label in ("cg", "pcg"):
+                k = by_steps.get(b)
+                nums[macro_name("cost", label, "steps", str(b))] = (
+                    str(int(k)) if k is not None else "n/a"
+                )
     for b in COST_BATCHES:
         nums[macro_name("cost", "batch", str(b))] = str(b)
     return nums

@@ -1,0 +1,254 @@
+"""The Kronecker-preconditioned CG route (``solver="pcg"``) against the dense reference.
+
+Exactness is the residual test: PCG stops when its recursive residual is below ``tol/2``
+and reports success only when the recomputed residual ``‖(F + λI) n − g‖ / ‖g‖`` is at
+most ``tol``. The error of any such answer is bounded by the condition number:
+``‖n − n*‖ / ‖n*‖ ≤ κ(F + λI) · residual``. The tests compare with the dense pseudo-inverse
+(float64) through that bound, with ``κ`` computed from the dense Fisher of the case, so
+a tolerance is never a hand-picked number: it is what the residual test guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cases import CASES, flat, make_case, rel_err
+
+import natchain as nc
+from natchain._problem import build_problem
+
+DAMPING = 1e-2
+#: float64 tolerance of the residual test: tight enough that κ · tol stays far below the
+#: float64 comparisons' own round-off (κ ≤ ~1e4 on these cases).
+TOL64 = 1e-12
+
+
+def _args(case):
+    return (case["model"], case["params"], case["x"], case["y"], case["family"])
+
+
+def _kappa(model, params, x, family, damping, kind="true", y=None, key=None):
+    """``κ(F + λI)`` from the dense Fisher (float64)."""
+    f = nc.fisher_matrix(model, params, x, family, kind=kind, y=y, key=key)
+    w = np.linalg.eigvalsh(np.asarray(f, np.float64))
+    return (max(w.max(), 0.0) + damping) / (max(w.min(), 0.0) + damping)
+
+
+def _check(sol, ref, kappa):
+    """Successful, residual below tol, and within the residual bound of the reference."""
+    st = sol.stats
+    assert int(st["result"]) == int(nc.RESULTS.successful)
+    assert bool(st["converged"])
+    # the residual that decided success: float64's when it was asked for
+    wide = np.isfinite(float(st["residual_float64"]))
+    res = float(st["residual_float64"]) if wide else float(st["residual"])
+    assert res <= float(st["tol"])
+    # the bound κ · residual, and 1e-12 for the reference's own float64 round-off
+    assert rel_err(sol.value, ref.value) <= kappa * res * 1.01 + 1e-12
+
+
+#: Shared cases run here: categorical tanh, Bernoulli ReLU (3 layers), Gaussian ReLU (the
+#: others add compile time, not coverage of this route).
+PCG_CASES = [CASES[0], CASES[2], CASES[3]]
+
+
+@pytest.mark.parametrize("case", PCG_CASES, ids=[c["id"] for c in PCG_CASES])
+def test_pcg_matches_dense_pinv_float64(case):
+    """Shared MLP cases, damped: PCG's answer is pinv's, float64."""
+    args = _args(case)
+    ref = nc.natural_gradient(*args, solver="pinv", damping=DAMPING)
+    sol = nc.natural_gradient(*args, solver="pcg", damping=DAMPING, tol=TOL64)
+    kappa = _kappa(*args[:3], case["family"], DAMPING)
+    _check(sol, ref, kappa)
+    assert int(sol.stats["kronecker_params"]) == case["num_params"]  # every leaf dense
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{"damping_split": "eigen"}, {"samples": None}, {"samples": 3}, {"preconditioner": "diagonal"}],
+    ids=["eigen", "every-column", "three-samples", "diagonal"],
+)
+def test_pcg_options_give_the_same_answer(opts):
+    """The preconditioner's variants change the step count only, never the answer."""
+    case = CASES[0]
+    args = _args(case)
+    ref = nc.natural_gradient(*args, solver="pinv", damping=DAMPING)
+    sol = nc.natural_gradient(*args, solver="pcg", damping=DAMPING, tol=TOL64, **opts)
+    _check(sol, ref, _kappa(*args[:3], case["family"], DAMPING))
+    expected = 0 if opts.get("preconditioner") == "diagonal" else case["num_params"]
+    assert int(sol.stats["kronecker_params"]) == expected
+
+
+@pytest.mark.parametrize("kind", ["true", "mc", "empirical"])
+def test_pcg_fisher_kinds(kind):
+    """True, Monte-Carlo and empirical Fisher (Gaussian outputs), float64."""
+    case = CASES[3]  # gaussian, relu, 3-6-2
+    args = _args(case)
+    key = jax.random.PRNGKey(3)
+    opts = dict(kind=kind, damping=DAMPING, key=key, num_samples=2)
+    ref = nc.natural_gradient(*args, solver="pinv", **opts)
+    sol = nc.natural_gradient(*args, solver="pcg", tol=TOL64, **opts)
+    kap = _kappa(*args[:3], case["family"], DAMPING, kind, case["y"], key)
+    _check(sol, ref, kap)
+
+
+def _flax():
+    net = fnn.Sequential([fnn.Dense(5), jnp.tanh, fnn.Dense(3)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    params = net.init(jax.random.PRNGKey(1), x)  # float32 by default: cast to float64
+    return net.apply, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params), x
+
+
+def _equinox():
+    net = eqx.nn.MLP(3, 3, 5, 1, activation=jnp.tanh, key=jax.random.PRNGKey(2))
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params, x
+
+
+def _conv():
+    """conv 3×3 (2 → 3, SAME) + bias, tanh, dense head (48 → 3): the kernel is diagonal."""
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def model(p, x):
+        h = jax.lax.conv_general_dilated(x, p["k"], (2, 2), "SAME", dimension_numbers=dn)
+        h = jnp.tanh(h + p["c"])
+        return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+
+    ks = jax.random.split(jax.random.PRNGKey(4), 5)
+    params = {
+        "k": 0.5 * jax.random.normal(ks[0], (3, 3, 2, 3)),
+        "c": 0.1 * jax.random.normal(ks[1], (3,)),
+        "w": 0.3 * jax.random.normal(ks[2], (12, 3)),
+        "b": 0.1 * jax.random.normal(ks[3], (3,)),
+    }
+    return model, params, jax.random.normal(ks[4], (3, 4, 4, 2))
+
+
+MODELS = {"flax": (_flax, 38), "equinox": (_equinox, 38), "conv": (_conv, 39)}
+
+
+def _to32(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pcg_frameworks_and_conv_float64_and_float32(name):
+    """Flax, Equinox and a conv model; float64, then float32 against the float64 reference.
+
+    In float32 the residual test runs at float32's default tol (5e-4) and, independently,
+    in float64 (``check_float64``); the error against the float64 reference is then
+    bounded by ``κ ·`` that float64 residual.
+    """
+    build, n_kron = MODELS[name]
+    model, params, x = build()
+    fam = nc.Categorical()
+    y = jnp.asarray(np.random.default_rng(5).integers(0, 3, size=x.shape[0]))
+    ref = nc.natural_gradient(model, params, x, y, fam, solver="pinv", damping=DAMPING)
+    kappa = _kappa(model, params, x, fam, DAMPING)
+    sol = nc.natural_gradient(model, params, x, y, fam, solver="pcg", damping=DAMPING, tol=TOL64)
+    _check(sol, ref, kappa)
+    assert int(sol.stats["kronecker_params"]) == n_kron  # dense layers; the conv is diagonal
+    p32, x32 = _to32(params), _to32(x)
+    sol32 = nc.natural_gradient(
+        model, p32, x32, y, fam, solver="pcg", damping=DAMPING, check_float64=True
+    )
+    assert flat(sol32.value).dtype == jnp.float32
+    assert float(sol32.stats["tol"]) == pytest.approx(nc.default_tol(jnp.float32))
+    _check(sol32, ref, kappa)
+
+
+def _solve_jit(solver, model, family, damping):
+    @jax.jit
+    def solve(params, x, y, stale_params, stale_x, stale_y):
+        prob = build_problem(model, params, x, family, y=y)
+        prob = dataclasses.replace(prob, damped=True)
+        stale = build_problem(model, stale_params, stale_x, family, y=stale_y)
+        prepared = solver.prepare(stale, damping)
+        fresh_n, fresh = solver.solve(prob, damping)
+        n, st = solver.solve(prob, damping, prepared=prepared)
+        return prob.unravel(n), st, prob.unravel(fresh_n), fresh, prepared
+
+    return solve
+
+
+def test_stale_prepared_gives_the_exact_answer():
+    """A preconditioner from another batch (of another size) at earlier parameters."""
+    case = make_case("categorical", (3, 5, 3), "tanh", batch=5, seed=7)
+    old = make_case("categorical", (3, 5, 3), "tanh", batch=3, seed=8)  # other θ, x, N
+    model, fam = case["model"], case["family"]
+    solver = nc.PCG(tol=TOL64)
+    n, st, fresh_n, fresh, prepared = _solve_jit(solver, model, fam, DAMPING)(
+        case["params"], case["x"], case["y"], old["params"], old["x"], old["y"]
+    )
+    ref = nc.natural_gradient(*_args(case), solver="pinv", damping=DAMPING)
+    kappa = _kappa(*_args(case)[:3], fam, DAMPING)
+    for value, stats in ((n, st), (fresh_n, fresh)):
+        _check(nc.Solution(value, None, stats), ref, kappa)
+    # the stale factors are the old batch's: a thin input factor of rank ≤ 3 (+ bias)
+    assert prepared["kronecker"][0]["qa"].shape == (4, 3)
+    assert len(jax.tree_util.tree_leaves(prepared)) == 8
+
+
+def _ill_conditioned():
+    """A linear softmax model on inputs whose features span four orders of magnitude."""
+
+    def model(p, x):
+        return x @ p["W"] + p["b"]
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(9), 3)
+    scales = jnp.logspace(0, 2, 6)
+    x = jax.random.normal(k1, (64, 6)) * scales
+    params = {"W": 0.01 * jax.random.normal(k2, (6, 4)), "b": jnp.zeros(4)}
+    y = jax.random.randint(k3, (64,), 0, 4)
+    return model, params, x, y
+
+
+def test_fewer_steps_than_cg_when_ill_conditioned():
+    """Badly scaled inputs (κ of the input covariance ~1e4): the Kronecker input factor
+    absorbs the scaling, plain CG does not; both reach the same answer."""
+    model, params, x, y = _ill_conditioned()
+    fam = nc.Categorical()
+    damping = 1e-3
+    args = (model, params, x, y, fam)
+    ref = nc.natural_gradient(*args, solver="pinv", damping=damping)
+    kappa = _kappa(model, params, x, fam, damping)
+    assert kappa > 1e5  # the case is ill-conditioned
+    cg = nc.natural_gradient(*args, solver="cg", damping=damping, tol=TOL64)
+    pcg = nc.natural_gradient(*args, solver="pcg", damping=damping, tol=TOL64)
+    _check(pcg, ref, kappa)
+    assert int(pcg.stats["num_steps"]) * 2 <= int(cg.stats["num_steps"])
+
+
+def test_bad_options_and_inputs_raise_naming_the_argument():
+    for kwargs, name in [
+        ({"preconditioner": "kfac"}, "preconditioner"),
+        ({"damping_split": "half"}, "damping_split"),
+        ({"samples": 0}, "samples"),
+        ({"samples": True}, "samples"),
+        ({"maxiter": 0}, "maxiter"),
+        ({"seed": 1.5}, "seed"),
+        ({"tol": -1.0}, "tol"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            nc.PCG(**kwargs)
+    case = CASES[0]
+    with pytest.raises(ValueError, match="damping > 0"):
+        nc.natural_gradient(*_args(case), solver="pcg", damping=0.0)
+    prob = build_problem(*_args(case)[:3], case["family"], y=case["y"])
+    with pytest.raises(ValueError, match="prepared"):
+        nc.CG().solve(prob, DAMPING, prepared={"kronecker": (), "diagonal": ()})
+    other = make_case("categorical", (3, 4, 3), "tanh", batch=2, seed=1)
+    stale = nc.PCG().prepare(build_problem(*_args(other)[:3], other["family"], y=other["y"]))
+    with pytest.raises(ValueError, match="prepared"):
+        nc.PCG().solve(prob, DAMPING, prepared=stale)
+    with pytest.raises(ValueError, match="prepared"):
+        nc.PCG().solve(prob, DAMPING, prepared=[1, 2])
+    assert nc.SOLVERS["pcg"] is nc.PCG
+    assert nc.CG().prepare(prob, DAMPING) is None
