@@ -241,17 +241,24 @@ def _final(series):
 
 
 def _mean_sd(values, digits=3):
+    """``mean ± sd`` over the finite values, with the count of non-finite ones named."""
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:
         return "–"
-    if arr.size == 1:
-        return f"{arr[0]:.{digits}g}"
-    return f"{np.mean(arr):.{digits}g} ± {np.std(arr, ddof=1):.2g}"
+    finite = arr[np.isfinite(arr)]
+    bad = f" ({arr.size - finite.size} non-finite)" if finite.size < arr.size else ""
+    if finite.size == 0:
+        return f"non-finite ({arr.size})"
+    if finite.size == 1:
+        return f"{finite[0]:.{digits}g}{bad}"
+    return f"{np.mean(finite):.{digits}g} ± {np.std(finite, ddof=1):.2g}{bad}"
 
 
 def summary_table(rows, runs):
-    """Markdown: per setting and method, final metrics (mean ± sd over seeds) and the
-    direction's null fraction and residual (mean over seeds of the per-run mean)."""
+    """Markdown: per setting and method, final metrics (mean ± sd over the seeds whose runs
+    finished) and the direction's null fraction, residual, cosine and step norm (mean ± sd
+    over seeds of each run's mean over its evaluations; a run with a non-finite value there
+    is counted as non-finite)."""
     grouped = by_run(rows)
     status = {}
     for info in runs.values():
