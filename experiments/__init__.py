@@ -8,4 +8,12 @@ atomically and resumed run by run.
 
 #: Experiments this package provides, in the order ``python -m experiments`` lists them.
 #: ``census`` is listed when its package is present.
-EXPERIMENTS = ("training", "fisher_kinds", "saturation", "agreement", "cost", "census")
+EXPERIMENTS = (
+    "training",
+    "fisher_kinds",
+    "saturation",
+    "agreement",
+    "cost",
+    "census",
+    "nullspace",
+)

@@ -130,3 +130,29 @@ def test_experiments_cost_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "slope in N" in out
     assert (tmp_path / "cost" / "smoke_scaling.png").stat().st_size > 0
+
+
+@needs
+def test_experiments_nullspace_smoke(tmp_path):
+    from experiments.nullspace import config
+    from experiments.nullspace.run import EVAL_METRICS, STEP_METRICS
+
+    store = _run("nullspace", tmp_path)
+    runs = store.runs.values()
+    assert {r["method"] for r in runs} == set(config.METHODS)
+    assert all(r["status"] == "ok" for r in runs)
+    rows = store.rows()
+    assert {r["metric"] for r in rows} == set(EVAL_METRICS) | set(STEP_METRICS)
+    first = {(r["method"], r["metric"]): float(r["value"]) for r in rows if r["step"] == 0}
+    # Directions in range(F_theta) have no null component: the damped exact one is Jᵀu, the
+    # projected one is projected (float64 round-off through C⁺, far below 1e-8).
+    assert first["exact", "null_fraction"] < 1e-8
+    assert first["modular-projected", "null_fraction"] < 1e-8
+    # Batch 16 of 64-pixel digits: rank [X 1] = N and every map has full row rank, so by the
+    # right-inverse theorem the modular step solves F n = g (float64: < 1e-8) although most
+    # of it lies in null(F_theta) (measured ≈ 0.84 on this batch).
+    assert first["modular", "residual"] < 1e-8
+    assert first["modular", "null_fraction"] > 0.5
+    assert first["modular-projected", "residual"] < 1e-8
+    assert (tmp_path / "nullspace" / "smoke_curves.png").stat().st_size > 0
+    assert "modular-projected" in (tmp_path / "nullspace" / "smoke_table.md").read_text()

@@ -121,4 +121,5 @@ def test_paper_figures_build_from_results(tmp_path):
         "saturation.pdf",
         "agreement.pdf",
         "cost.pdf",
+        "nullspace.pdf",
     }

@@ -9,7 +9,10 @@ Writes into ``--out`` (default ``paper/figures``):
 - ``fisher_one_step.pdf``: distance to the optimum after one unit step, per direction;
 - ``saturation.pdf``: ``‖n_mod‖ / ‖n_exact‖`` against the first-layer weight scale, per cut-off;
 - ``agreement.pdf``: cosine of the modular and exact directions, one factor at a time;
-- ``cost.pdf``: time per step against batch size, per route, with the fitted log–log slope.
+- ``cost.pdf``: time per step against batch size, per route, with the fitted log–log slope;
+- ``nullspace.pdf``: held-out accuracy, saturated fraction, null fraction and step norm
+  along training, per direction of the null-space experiment (a placeholder until its
+  results exist).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from generate import (  # noqa: E402
     COST_ROUTES,
     COST_WIDTH,
     FISHER_METHODS,
+    NULLSPACE_METHODS,
+    NULLSPACE_SETTINGS,
     PAPER,
     ROOT,
     SETTINGS,
@@ -266,6 +271,53 @@ def cost(results: Path, out: Path):
     return path
 
 
+#: Panels of the null-space figure: (metric, axis label, y scale).
+NULLSPACE_PANELS = (
+    ("test_accuracy", "held-out accuracy", "linear"),
+    ("saturated_fraction", "saturated fraction", "linear"),
+    ("null_fraction", "null fraction of the step", "linear"),
+    ("step_norm", r"step norm $\alpha\|s\|$", "log"),
+)
+
+
+def nullspace(results: Path, out: Path):
+    """Per setting (rows) and metric (columns): mean over seeds against steps, min–max band."""
+    level, rows, _ = load(results, "nullspace")
+    if level is None or not rows:
+        return None
+    series = {}
+    for r in rows:
+        key = (r["setting"], r["method"], r["metric"])
+        series.setdefault(key, {}).setdefault(int(r["step"]), []).append(float(r["value"]))
+    settings = [s for s in NULLSPACE_SETTINGS if any(k[0] == s for k in series)]
+    fig, axes = plt.subplots(
+        len(settings),
+        len(NULLSPACE_PANELS),
+        figsize=(7.0, 1.8 * len(settings)),
+        squeeze=False,
+    )
+    for i, setting in enumerate(settings):
+        for j, (metric, label, scale) in enumerate(NULLSPACE_PANELS):
+            ax = axes[i][j]
+            for method, _ in NULLSPACE_METHODS:
+                by_step = series.get((setting, method, metric))
+                if not by_step:
+                    continue
+                steps = sorted(by_step)
+                vals = [np.asarray(by_step[s]) for s in steps]
+                (line,) = ax.plot(steps, [v.mean() for v in vals], marker="o", ms=2, label=method)
+                lo, hi = [v.min() for v in vals], [v.max() for v in vals]
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.set(yscale=scale, xlabel="step")
+            ax.set_title(f"{setting}: {label}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path = out / "nullspace.pdf"
+    save(fig, path)
+    return path
+
+
 def placeholder(path: Path, what: str) -> Path:
     """A figure that says its results are missing, so the paper still builds."""
     fig, ax = plt.subplots(figsize=(4, 1.2))
@@ -281,7 +333,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=PAPER / "figures")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for fn in (training_curves, fisher_field, fisher_one_step, saturation, agreement, cost):
+    figures = (training_curves, fisher_field, fisher_one_step, saturation, agreement, cost)
+    for fn in (*figures, nullspace):
         path = fn(args.results, args.out)
         if path is None:
             path = placeholder(args.out / f"{fn.__name__}.pdf", fn.__name__)

@@ -5,6 +5,7 @@ Writes, into ``--out`` (default ``paper/generated``):
 - ``numbers.tex``: one ``\\newcommand`` per number quoted in the text;
 - ``training_table.tex``: final training loss, test metric and time per step ÷ SGD;
 - ``fisher_kinds_table.tex``: distance to the optimum after one unit step per Fisher kind;
+- ``nullspace_table.tex``: the null-space experiment (only where its results exist);
 - ``census_table.tex``: the census (``results/census/census.jsonl``) as a LaTeX table.
 
 Each experiment is read at its ``full`` level when that exists, else ``quick``. Output is
@@ -669,6 +670,104 @@ def cost_numbers(rows) -> dict:
     return nums
 
 
+# ---- null space ---------------------------------------------------------------------------------
+
+#: The null-space experiment's directions, in the table's order, with their LaTeX labels.
+NULLSPACE_METHODS = (
+    ("exact", "exact (Gram, damped)"),
+    ("modular", "modular"),
+    ("modular-rcond", "modular, bounded activation inverse"),
+    ("modular-projected", "modular projected on range$(F_\\theta)$"),
+)
+NULLSPACE_SETTINGS = ("digits", "mnist1d")
+
+
+def nullspace_summary(rows, runs):
+    """``{(setting, method): {metric: [per-seed value]}}``: final held-out accuracy and loss,
+    train loss and saturated fraction at each run's last step (``nan`` for a run that did
+    not finish, so that the table says *diverged*); per-run means of the step metrics (null
+    fraction, residual, cosine, step norm) over the steps recorded; statuses."""
+    series = {}
+    for r in rows:
+        key = (r["setting"], r["method"], r["seed"], r["run"])
+        series.setdefault(key, {}).setdefault(r["metric"], []).append(
+            (int(r["step"]), _value(r["value"]))
+        )
+    out = {}
+    for (setting, method, _, run), metrics in sorted(series.items()):
+        entry = out.setdefault((setting, method), {})
+        finished = runs.get(run, {}).get("status") == "ok"
+        for metric in ("test_accuracy", "test_loss", "train_loss", "saturated_fraction"):
+            if metric in metrics:
+                last = max(metrics[metric])[1] if finished else math.nan
+                entry.setdefault(metric, []).append(last)
+        for metric in ("null_fraction", "residual", "cosine", "step_norm"):
+            if metric in metrics:
+                entry.setdefault(metric, []).append(float(np.mean([v for _, v in metrics[metric]])))
+    for info in runs.values():
+        entry = out.setdefault((info["setting"], info["method"]), {})
+        entry.setdefault("status", []).append(info["status"])
+    return out
+
+
+def nullspace_table(summary) -> str | None:
+    """Final metrics per setting and direction (mean $\\pm$ sd over seeds), or ``None``."""
+    if not summary:
+        return None
+    lines = [
+        r"\begin{tabular}{llllllll}",
+        r"\toprule",
+        r"setting & direction & held-out acc. (\%) & held-out loss & saturated (\%) & "
+        r"null fraction & $\|F s - g\|/\|g\|$ & runs \\",
+    ]
+    for setting in NULLSPACE_SETTINGS:
+        group = [(m, lab) for m, lab in NULLSPACE_METHODS if (setting, m) in summary]
+        if not group:
+            continue
+        lines.append(r"\midrule")
+        for method, label in group:
+            e = summary[(setting, method)]
+            st = e.get("status", [])
+            runs = ", ".join(f"{s} {st.count(s)}" for s in sorted(set(st)))
+            lines.append(
+                rf"{setting} & {label} & {fmt_pm(e.get('test_accuracy', []), 100)} & "
+                rf"{fmt_pm(e.get('test_loss', []))} & "
+                rf"{fmt_pm(e.get('saturated_fraction', []), 100)} & "
+                rf"{fmt_pm(e.get('null_fraction', []))} & {fmt_pm(e.get('residual', []))} & "
+                rf"{runs} \\"
+            )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def nullspace_numbers(summary, runs) -> dict:
+    """Means over seeds per setting and direction (``n/a`` where absent), the seed count,
+    the learning rate, trust-region radius and damping the runs used, and whether the
+    results are present."""
+    nums = {macro_name("nullspace", "present"): "yes" if summary else "no"}
+    cfgs = [info.get("config", {}) for info in runs.values()]
+    seeds = {info["seed"] for info in runs.values()}
+    nums[macro_name("nullspace", "seeds")] = str(len(seeds)) if seeds else "n/a"
+    for key in ("learning_rate", "max_kl", "damping"):
+        vals = sorted({c[key] for c in cfgs if key in c})
+        nums[macro_name("nullspace", key)] = fmt(vals[0], 2) if len(vals) == 1 else "n/a"
+    for setting in NULLSPACE_SETTINGS:
+        for method, _ in NULLSPACE_METHODS:
+            e = summary.get((setting, method), {})
+            for metric, scale in (
+                ("test_accuracy", 100),
+                ("saturated_fraction", 100),
+                ("null_fraction", 1),
+                ("residual", 1),
+            ):
+                vals = np.asarray(e.get(metric, []), dtype=float) * scale
+                ok = vals.size and np.all(np.isfinite(vals))
+                nums[macro_name("nullspace", setting, method, metric)] = (
+                    fmt(float(vals.mean()), 3) if ok else "n/a"
+                )
+    return nums
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -705,6 +804,13 @@ def generate(results: Path, out: Path) -> list[Path]:
 
     _, cost_rows, _ = load(results, "cost")
     nums.update(cost_numbers(cost_rows))
+
+    _, nrows, nruns = load(results, "nullspace")
+    nsum = nullspace_summary(nrows, nruns)
+    nullspace = nullspace_table(nsum)
+    if nullspace is not None:
+        write("nullspace_table.tex", header + nullspace)
+    nums.update(nullspace_numbers(nsum, nruns))
 
     crows = load_census(results)
     census = census_table(crows)
