@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 import natchain as nc
 from experiments._results import RESULTS, Progress, ResultStore, record_measurement
 from experiments.agreement import config
+from natchain.diagnostics import centre_outputs
 
 EXPERIMENT = "agreement"
 ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
@@ -123,13 +124,6 @@ def output_change(model, params, x, direction):
     return np.asarray(jax.jvp(lambda p: model(p, x), (params,), (direction,))[1])
 
 
-def centred(out, family):
-    """Logits centred per example for Categorical (the softmax gauge); else unchanged."""
-    if isinstance(family, nc.Categorical):
-        out = out - out.mean(axis=1, keepdims=True)
-    return out.reshape(-1)
-
-
 def fisher_norm(factor, out):
     """``√(Σ_i out_iᵀ F_i out_i)`` through the factor ``M_iᵀ out_i`` (linear, no cancellation;
     the mean's ``1/N`` cancels in the ratios)."""
@@ -152,7 +146,8 @@ def measure(cfg, seed):
         "relative_error": float(np.linalg.norm(d)) / ne,
         "norm_ratio": float(np.linalg.norm(m)) / ne,
         "function_error": float(
-            np.linalg.norm(centred(jm - je, family)) / np.linalg.norm(centred(je, family))
+            np.linalg.norm(centre_outputs(jm - je, family))
+            / np.linalg.norm(centre_outputs(je, family))
         ),
         "fisher_error": fisher_norm(factor, jm - je) / fisher_norm(factor, je),
         "fisher_residual": float(np.linalg.norm(fisher @ m - g) / np.linalg.norm(g)),

@@ -5,7 +5,10 @@
 - :func:`rank_report` — rank conditions map by map and a sound verdict
   (*exact by theorem*, naming the theorem, or *not guaranteed*, with every reason);
 - :func:`compare` — several directions compared pairwise in parameter, function and
-  Fisher space, with the first- and second-order effect of a unit step.
+  Fisher space, with the first- and second-order effect of a unit step;
+- :func:`step_report` / :func:`project_to_range` — one step's component in
+  ``null(F_theta)`` on the batch, its distance from the exact direction and whether it
+  solves ``F_theta n = g``.
 """
 
 from natchain.diagnostics._compare import (
@@ -26,11 +29,18 @@ from natchain.diagnostics._rank import (
     RankReport,
     rank_report,
 )
+from natchain.diagnostics._step import (
+    STEP_REPORT_KEYS,
+    centre_outputs,
+    project_to_range,
+    step_report,
+)
 
 __all__ = [
     "EXACT",
     "METHOD_NAMES",
     "NOT_GUARANTEED",
+    "STEP_REPORT_KEYS",
     "THEOREMS",
     "Comparison",
     "DirectionSummary",
@@ -38,10 +48,13 @@ __all__ = [
     "MapReport",
     "PairComparison",
     "RankReport",
+    "centre_outputs",
     "compare",
     "greville_test",
     "modular_fn",
+    "project_to_range",
     "rank_report",
     "resolve_method",
     "reverse_order_law_holds",
+    "step_report",
 ]
