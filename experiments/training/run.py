@@ -1,8 +1,9 @@
 """Train one model per setting with first-order, natural-gradient and K-FAC updates.
 
 Every method runs the same model, data, batches and seeds; only the update differs.
-Natural-gradient methods are ``optax.chain(natchain.scale_by_natural_gradient(...),
-optax.scale(-lr))``; SGD and Adam are optax's; K-FAC is ``kfac_jax.Optimizer``
+Every update is ``-lr · direction`` (the learning rate a traced argument, so a sweep over
+it compiles once); directions: the gradient, ``optax.scale_by_adam``, or
+``natchain.scale_by_natural_gradient(...)``. K-FAC is ``kfac_jax.Optimizer``
 (``experiments/_kfac.py``). Hyperparameters come from the sweep's ``chosen.json``
 (``config.py`` describes the protocol).
 
@@ -114,8 +115,13 @@ def build_model(setting, data):
     return mlp, lambda key: init_mlp(key, sizes), _mlp_derivatives(jnp.tanh)
 
 
+#: One family object per name for the whole process: the diagnostics compile once per
+#: (model, family), and a fresh object per run would compile them again every run.
+FAMILIES = {"categorical": nc.Categorical(), "gaussian": nc.Gaussian()}
+
+
 def family_for(name):
-    return {"categorical": nc.Categorical(), "gaussian": nc.Gaussian()}[name]
+    return FAMILIES[name]
 
 
 # ---- hyperparameters -----------------------------------------------------------------------
@@ -135,17 +141,16 @@ def rcond_mapping(pair):
 def make_optimizer(method, apply, family, hp, example_batch):
     """``(kind, transformation)`` of one method (``"optax"``, ``"natural"`` or ``"kfac"``)."""
     mcfg = config.METHODS[method]
-    lr = hp["learning_rate"]
     if mcfg["type"] == "sgd":
-        return "optax", optax.sgd(lr)
+        return "optax", optax.identity()
     if mcfg["type"] == "adam":
-        return "optax", optax.adam(lr)
+        return "optax", optax.scale_by_adam()
     if mcfg["type"] == "kfac":
         opt, _ = _kfac.kfac_optimizer(
             apply,
             family,
             mcfg["inverse_period"],
-            learning_rate=lr,
+            learning_rate=hp["learning_rate"],
             damping=hp["damping"],
         )
         return "kfac", opt
@@ -169,22 +174,28 @@ def make_optimizer(method, apply, family, hp, example_batch):
             num_samples=mcfg.get("num_samples", 1),
             **options,
         )
-    return "natural", optax.chain(nat, optax.scale(-lr))
+    return "natural", nat
 
 
 def make_step(opt, apply, family, natural):
-    """A jitted ``step(params, state, x, y, key) -> (params, state, loss, updates)``."""
+    """A jitted ``step(params, state, x, y, key, lr) -> (params, state, loss, updates)``.
+
+    The learning rate is an argument, not a constant of the program: every learning rate of
+    the sweep shares one compilation. The update is ``-lr · direction`` with the direction
+    of the transformation (the gradient, Adam's, the natural gradient).
+    """
 
     def loss(params, x, y):
         return jnp.mean(jax.vmap(family.nll)(apply(params, x), y))
 
     @jax.jit
-    def step(params, state, x, y, key):
+    def step(params, state, x, y, key, lr):
         value, grads = jax.value_and_grad(loss)(params, x, y)
         if natural:
             updates, state = opt.update(grads, state, params, x=x, y=y, key=key)
         else:
             updates, state = opt.update(grads, state, params)
+        updates = jax.tree.map(lambda u: -lr * u, updates)
         return optax.apply_updates(params, updates), state, value, updates
 
     return step
@@ -232,15 +243,16 @@ def _step_report_fn():
 def run_length(setting, method, level):
     """``(steps, eval_every)`` of one run at ``level``."""
     lvl, scfg = config.LEVELS[level], config.SETTINGS[setting]
-    key = "steps" if method in config.FIRST_ORDER else "ngd_steps"
-    steps = lvl[key] if lvl[key] is not None else scfg[key]
+    steps = lvl["steps"] if lvl["steps"] is not None else scfg["steps"]
+    if isinstance(steps, dict):
+        steps = steps[config.category(method)]
     every = lvl["eval_every"] if lvl["eval_every"] is not None else scfg["eval_every"]
     return steps, max(1, min(every, steps))
 
 
 def load_data(setting, level):
     lvl, scfg = config.LEVELS[level], config.SETTINGS[setting]
-    data = _data.load(scfg["data"], validation=config.VALIDATION)
+    data = _data.load(scfg["data"], validation=scfg.get("validation", config.VALIDATION))
     if lvl["max_train"]:
         data = data._replace(
             x_train=data.x_train[: lvl["max_train"]], y_train=data.y_train[: lvl["max_train"]]
@@ -297,13 +309,19 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
         cache[mkey] = (apply, init, make_eval(data, apply, family, derivatives))
     apply, init, evaluate = cache[mkey]
     example = (data.x_train[:batch], data.y_train[:batch])
-    okey = (setting, method, level, json.dumps(hp, sort_keys=True))
+    # One compilation per method and non-learning-rate hyperparameters (kfac-jax takes its
+    # learning rate as a constant: one per full ``hp``).
+    shared = (
+        hp if hp_type(method) == "kfac" else {k: v for k, v in hp.items() if k != "learning_rate"}
+    )
+    okey = (setting, method, level, json.dumps(shared, sort_keys=True))
     if okey not in cache:
         kind, opt = make_optimizer(method, apply, family, hp, example)
         step = make_step(opt, apply, family, kind == "natural") if kind != "kfac" else None
         cache[okey] = (kind, opt, step)
     kind, opt, step = cache[okey]
     report = _step_report_fn()
+    lr = jnp.asarray(hp["learning_rate"], jnp.float64)
     run_cfg = {
         "setting": setting,
         "data": scfg["data"],
@@ -373,7 +391,7 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
             params, state, stats = opt.step(params, state, sub, batch=(xb, yb), global_step_int=k)
             loss = stats["loss"]
         else:
-            params, state, loss, updates = step(params, state, xb, yb, sub)
+            params, state, loss, updates = step(params, state, xb, yb, sub, lr)
         jax.block_until_ready(params)
         dt = time.perf_counter() - t0
         if k == 1:
@@ -763,7 +781,9 @@ def run_sweep(level="full", root=None, fresh=False, verbose=True):
 def _protocol(level):
     lvl = config.LEVELS[level]
     return {
-        "validation": config.VALIDATION,
+        "validation": {
+            s: c.get("validation", config.VALIDATION) for s, c in config.SETTINGS.items()
+        },
         "sweep_seeds": list(lvl["sweep_seeds"]),
         "reported_seeds": list(lvl["seeds"]),
         "steps_fraction": config.SWEEP["steps_fraction"],
