@@ -405,7 +405,7 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
         if not record(k):
             status, note = "diverged", f"non-finite loss or parameters by step {k}"
             break
-        if kind == "natural" and int(state[0].num_skipped) > 0:
+        if kind == "natural" and int(state.num_skipped) > 0:
             # The optimiser's guard replaced a non-finite natural gradient by zeros.
             status, note = "diverged", f"non-finite natural gradient (skipped) by step {k}"
             break
@@ -416,7 +416,7 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
         except Exception as err:  # a diagnostic that fails is recorded, the run goes on
             note = f"diagnostics failed at step {k}: {type(err).__name__}: {err}"[:300]
         if kind == "natural":
-            map_rows, dead = _map_rows(k, state[0].info, kind)
+            map_rows, dead = _map_rows(k, state.info, kind)
             rows.extend(map_rows)
             if dead and status == "ok":
                 status = "degenerate"
