@@ -102,3 +102,19 @@ def test_training_smoke_sweep_then_run_and_resume(tmp_path, capsys):
     before = store.runs_path.read_text()
     cli.main(args)  # resumes: every run is done, nothing is re-run
     assert store.runs_path.read_text() == before
+
+
+def test_modular_cutoff_pairs_map_to_the_kinds_each_granularity_has():
+    from experiments.training import config
+    from experiments.training.run import _grid, rcond_mapping
+
+    assert rcond_mapping((0.1, None)) == {"activation": 0.1, "dense": None}
+    assert rcond_mapping((0.01, 0.01), "primitive") == {"default": 0.01}
+    with pytest.raises(ValueError, match="primitive granularity"):
+        rcond_mapping((0.1, None), "primitive")
+    layer, prim = (
+        _grid("ngd-modular-layer", "rcond", "full"),
+        _grid("ngd-modular-primitive", "rcond", "full"),
+    )
+    assert config.DEFAULTS["modular"]["rcond"] in layer and len(layer) >= 9
+    assert all(a == d for a, d in prim) and len(prim) >= 3

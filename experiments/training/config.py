@@ -113,6 +113,9 @@ GRIDS = {
     "modular": {
         "learning_rate": (0.003, 0.01, 0.03, 0.1),
         "rcond": tuple((a, d) for a in (None, 0.01, 0.1) for d in (None, 0.01, 0.1)),
+        # At primitive granularity every map is of kind "primitive" (no activation or dense
+        # maps): one cut-off for all of them, written as the pair (v, v).
+        "rcond_primitive": tuple((v, v) for v in (None, 0.01, 0.1)),
     },
 }
 

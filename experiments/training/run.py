@@ -132,9 +132,17 @@ def hp_type(method):
     return config.METHODS[method]["type"]
 
 
-def rcond_mapping(pair):
-    """``(activation, dense)`` cut-offs as natchain's per-kind ``rcond`` mapping."""
+def rcond_mapping(pair, granularity="layer"):
+    """``(activation, dense)`` cut-offs as natchain's per-kind ``rcond`` mapping.
+
+    At primitive granularity every map is of kind ``"primitive"``: the pair is ``(v, v)``
+    and ``v`` applies to every map.
+    """
     act, dense = pair
+    if granularity == "primitive":
+        if act != dense:
+            raise ValueError(f"at primitive granularity the rcond pair must be (v, v); got {pair}.")
+        return {"default": act}
     return {"activation": act, "dense": dense}
 
 
@@ -160,7 +168,7 @@ def make_optimizer(method, apply, family, hp, example_batch):
             family,
             method="modular",
             granularity=mcfg["granularity"],
-            rcond=rcond_mapping(hp["rcond"]),
+            rcond=rcond_mapping(hp["rcond"], mcfg["granularity"]),
             example_batch=example_batch,
         )
     else:
@@ -626,6 +634,8 @@ def chosen_path(root, level):
 
 
 def _grid(method, name, level):
+    if name == "rcond" and config.METHODS[method].get("granularity") == "primitive":
+        name = "rcond_primitive"
     values = config.GRIDS[hp_type(method)].get(name)
     if values is None:
         return None
