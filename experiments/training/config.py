@@ -67,8 +67,8 @@ SETTINGS = {
         "family": "categorical",
         "batch": 100,
         # A modular step of this CNN costs seconds on two CPU cores (its convolutions' local
-        # pseudo-inverses): ten steps show its cost and direction, not its convergence.
-        "steps": {"first_order": 6000, "kfac": 1000, "cg": 40, "gram": 30, "modular": 10},
+        # pseudo-inverses): four steps show its cost and direction, not its convergence.
+        "steps": {"first_order": 6000, "kfac": 1000, "cg": 40, "gram": 15, "modular": 4},
         "eval_every": 1000,
     },
 }
@@ -131,7 +131,7 @@ DEFAULTS = {
 
 #: The sweep: its seeds (disjoint from every level's reported seeds) and the fraction of
 #: each run's steps it trains for (the full-length sweep would not fit the time budget).
-SWEEP = {"seeds": (100, 101), "steps_fraction": 0.5}
+SWEEP = {"seeds": (100, 101), "steps_fraction": 0.3}
 
 #: Run sizes per level. ``steps``: a number, a dict per category, or ``None`` (the
 #: setting's own); ``eval_every`` ``None``: the setting's own.
