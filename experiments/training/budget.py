@@ -11,7 +11,8 @@ its first-step compile time and its whole wall time) and projects, per (setting,
 - the full run: compilation once, then one such run per reported seed;
 - the sweep: compilations (one per distinct non-learning-rate value for the natural-gradient
   methods, one per configuration for K-FAC) and, per configuration and sweep seed, a run of
-  ``config.SWEEP["steps_fraction"]`` of the steps.
+  ``config.SWEEP["steps_fraction"]`` of the steps (its evaluation cost is over-estimated:
+  sweep runs leave out the step diagnostics).
 
 The quick run's times are those of the machine and load it ran on; say which.
 """

@@ -296,8 +296,13 @@ def _map_rows(k, info, natural_kind):
     return rows, dead
 
 
-def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=None):
+def train(
+    setting, method, seed, level, hp, *, cache=None, verbose=True, steps=None, diagnostics=True
+):
     """Train one ``(setting, method, seed)`` with hyperparameters ``hp``.
+
+    ``diagnostics=False`` (the sweep, which selects on the validation metric only) leaves
+    out ``step_report``; cut counts and statuses are recorded either way.
 
     Returns:
         ``(rows, status, note, config)``.
@@ -328,7 +333,7 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
         step = make_step(opt, apply, family, kind == "natural") if kind != "kfac" else None
         cache[okey] = (kind, opt, step)
     kind, opt, step = cache[okey]
-    report = _step_report_fn()
+    report = _step_report_fn() if diagnostics else None
     lr = jnp.asarray(hp["learning_rate"], jnp.float64)
     run_cfg = {
         "setting": setting,
@@ -344,7 +349,11 @@ def train(setting, method, seed, level, hp, *, cache=None, verbose=True, steps=N
         "cg": dict(config.CG),
         "hp": hp,
         "dtype": "float64",
-        "diagnostics": "step_report" if report is not None else "unavailable",
+        "diagnostics": "step_report"
+        if report is not None
+        else "off"
+        if not diagnostics
+        else "unavailable",
     }
 
     params = init(jax.random.PRNGKey(seed))
@@ -679,6 +688,7 @@ def _sweep_point(ctx, setting, method, hp, steps, metric, tried):
                     cache=ctx["cache"],
                     verbose=ctx["verbose"],
                     steps=steps,
+                    diagnostics=False,
                 )
             except Exception as err:  # recorded, the sweep goes on
                 rows, status, note, cfg = [], "error", f"{type(err).__name__}: {err}", {}
