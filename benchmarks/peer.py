@@ -55,6 +55,7 @@ from natchain._solvers._base import DEFAULT_MAX_PARAMS
 # root is not on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench import init_mlp, mlp  # noqa: E402
+from experiments import _kfac  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "peer.json"
@@ -306,33 +307,7 @@ def bare_modular(granularity):
 
 def kfac_optimizer(model, period):
     """``kfac_jax.Optimizer`` on the model's loss with :data:`KFAC_SETTINGS`."""
-    import kfac_jax
-
-    def loss(params, batch):
-        x, y = batch
-        logits = model.apply(params, x)
-        kfac_jax.register_softmax_cross_entropy_loss(logits, y)
-        return jnp.mean(jax.vmap(FAMILY.nll)(logits, y))
-
-    s = KFAC_SETTINGS
-    opt = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(loss),
-        l2_reg=s["l2_reg"],
-        use_adaptive_learning_rate=s["use_adaptive_learning_rate"],
-        learning_rate_schedule=lambda _: s["learning_rate"],
-        use_adaptive_momentum=s["use_adaptive_momentum"],
-        momentum_schedule=lambda _: s["momentum"],
-        use_adaptive_damping=s["use_adaptive_damping"],
-        damping_schedule=lambda _: s["damping"],
-        estimation_mode=s["estimation_mode"],
-        curvature_ema=s["curvature_ema"],
-        curvature_update_period=s["curvature_update_period"],
-        num_burnin_steps=s["num_burnin_steps"],
-        norm_constraint=s["norm_constraint"],
-        inverse_update_period=period,
-        multi_device=False,
-    )
-    return opt, loss
+    return _kfac.kfac_optimizer(model.apply, FAMILY, period, KFAC_SETTINGS)
 
 
 def kfac_route(period):

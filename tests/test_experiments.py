@@ -57,23 +57,6 @@ def test_experiments_cli_lists_experiments(capsys):
 
 
 @needs
-def test_experiments_training_smoke_runs_and_resumes(tmp_path, capsys):
-    store = _run("training", tmp_path)
-    out = capsys.readouterr().out
-    assert "| sgd |" in out and "time/step ÷ SGD" in out
-    statuses = {r["method"]: r["status"] for r in store.runs.values()}
-    assert set(statuses) == {"sgd", "ngd-empirical-cg", "ngd-exact-gram"}
-    assert set(statuses.values()) <= {"ok", "diverged"}
-    rows = store.rows()
-    assert all(set(r) == ROW_KEYS for r in rows)
-    assert {"train_loss", "test_accuracy", "step_time_s"} <= {r["metric"] for r in rows}
-    assert (tmp_path / "training" / "smoke_curves.png").stat().st_size > 0
-    before = store.runs_path.read_text()
-    _run("training", tmp_path)  # resumes: every run is done, nothing is re-run
-    assert store.runs_path.read_text() == before
-
-
-@needs
 def test_experiments_fisher_kinds_smoke(tmp_path):
     store = _run("fisher_kinds", tmp_path)
     rows = store.rows()

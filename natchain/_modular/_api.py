@@ -113,7 +113,11 @@ def natural_vjp(
             primitive) or ``"primitive"`` (every primitive is a map).
         rcond: singular values ``≤ rcond · s_max`` of each local Jacobian are cut
             (``None``: each rule's default, ``max(out, in) · eps`` — Gram-based rules
-            ``sqrt(size · eps)``).
+            ``sqrt(size · eps)``). A mapping from map kind (:attr:`MapRecord.kind`:
+            ``"activation"``, ``"dense"``, ``"scale"``, ``"shift"``, ``"conv"``,
+            ``"layer"``, ``"primitive"``, ``"generic"``) to such a value sets the cut-off
+            per kind; kinds it omits take its ``"default"`` entry, else ``None``. Unknown
+            kinds or bad values raise ``ValueError``.
         fallback: ``"error"`` (a primitive without a rule raises
             ``NotImplementedError``) or ``"generic"`` (its local Jacobian is materialised
             and pseudo-inverted).
@@ -330,8 +334,8 @@ def grad(
         method: ``"modular"`` or ``"exact"`` (:func:`natchain.natural_gradient`).
         granularity: ``"layer"`` or ``"primitive"`` (modular only; see
             :func:`natural_vjp`).
-        rcond: cut-off of each local pseudo-inverse (modular only; see
-            :func:`natural_vjp`).
+        rcond: cut-off of each local pseudo-inverse, a number, ``None`` or a mapping
+            from map kind to either (modular only; see :func:`natural_vjp`).
         fallback: ``"error"`` or ``"generic"`` for primitives without a rule.
         kind: Fisher kind, ``"true"``, ``"empirical"`` or ``"mc"`` (``mc`` needs ``key``
             in the call). For the modular method it only changes the output natural
@@ -399,7 +403,8 @@ def modular_trace(
         x: data (never differentiated).
         family: if given, the model output is checked against it (shape, width, finite).
         granularity: ``"layer"`` or ``"primitive"``, as in :func:`grad`.
-        rcond, fallback: as in :func:`grad` (``fallback`` decides whether a primitive
+        rcond, fallback: as in :func:`grad` (a per-kind ``rcond`` mapping included;
+            ``fallback`` decides whether a primitive
             without a rule is an error).
 
     Returns:

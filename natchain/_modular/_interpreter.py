@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ from natchain._modular._registry import (
     RULES,
     missing_rule_error,
 )
+from natchain._structure._registry import PATTERNS
 from natchain._structure._walk import Structure, find_structure
 
 GRANULARITIES = ("layer", "primitive")
@@ -115,6 +116,10 @@ class Chain:
         self.pending: dict = {}  # site key -> (input ids, input values)
         self.leaf_ids: list[int] = []
         self._next = 0
+
+    def rcond_for(self, kind):
+        """The cut-off of a map of ``kind``: ``rcond`` itself, or its entry for the kind."""
+        return rcond_for(self.rcond, kind)
 
     # ---- values ------------------------------------------------------------------------
     def new(self, value, diff: bool) -> int:
@@ -224,7 +229,7 @@ class Chain:
             full = [next(it) if di else v for v, di in zip(primals, diff, strict=True)]
             return (site.evaluate(full[:k], full[k:]).astype(dtype),)
 
-        local = LocalMap(site.name, primals, diff, (out,), {}, fn, self.rcond)
+        local = LocalMap(site.name, primals, diff, (out,), {}, fn, self.rcond_for(site.name))
         i = self.new(out, True)
         node_in = tuple(j for j, d in zip((*in_ids, *leaf_ids), diff, strict=True) if d)
         rule = site.pattern.layer_rule(site)
@@ -255,7 +260,9 @@ class Chain:
             full = [next(it) if di else v for v, di in zip(vals, diff, strict=True)]
             return tuple(self._bind(eqn, full))
 
-        local = LocalMap(name, tuple(vals), diff, tuple(outs), dict(eqn.params), fn, self.rcond)
+        local = LocalMap(
+            name, tuple(vals), diff, tuple(outs), dict(eqn.params), fn, self.rcond_for(kind)
+        )
         out_ids = [self.new(o, True) for o in outs]
         in_ids = tuple(i for i, d in zip(ids, diff, strict=True) if d)
         node_outs = tuple(i if i in self.diff else None for i in out_ids)
@@ -414,8 +421,55 @@ def check_options(granularity, fallback, rcond):
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback={fallback!r} is not one of {FALLBACKS}.")
-    if rcond is not None and not (isinstance(rcond, (int, float)) and 0 <= rcond < 1):
-        raise ValueError(f"rcond must be None or a number in [0, 1); got {rcond!r}.")
+    check_rcond(rcond)
+
+
+#: Map kinds that are not layer patterns; with the registered patterns' names (``"dense"``,
+#: ``"scale"``, ``"shift"``, ``"conv"``, …) they are the keys an ``rcond`` mapping accepts.
+BASE_KINDS = ("activation", "layer", "primitive", "generic")
+
+
+def rcond_kinds():
+    """The keys a mapping ``rcond`` accepts: every map kind, then ``"default"``."""
+    return (*BASE_KINDS, *sorted(PATTERNS), "default")
+
+
+def _valid_cutoff(value):
+    return value is None or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    )
+
+
+def check_rcond(rcond):
+    """Refuse an ``rcond`` that is neither ``None``, a number in ``[0, 1)`` nor a mapping
+    from map kinds (and ``"default"``) to such values."""
+    if isinstance(rcond, Mapping):
+        allowed = rcond_kinds()
+        unknown = sorted(str(k) for k in rcond if k not in allowed)
+        if unknown:
+            raise ValueError(
+                f"rcond has unknown map kinds {unknown}; the allowed keys are {list(allowed)}."
+            )
+        bad = {k: v for k, v in rcond.items() if not _valid_cutoff(v)}
+        if bad:
+            raise ValueError(
+                f"rcond values must be None or numbers in [0, 1); got {bad!r} "
+                f"(allowed keys: {list(allowed)})."
+            )
+        return
+    if not _valid_cutoff(rcond):
+        raise ValueError(
+            "rcond must be None, a number in [0, 1), or a mapping from map kinds "
+            f"{list(rcond_kinds())} to such values; got {rcond!r}."
+        )
+
+
+def rcond_for(rcond, kind):
+    """The cut-off of one map: a scalar ``rcond`` applies to every kind; a mapping gives the
+    kind's entry, else its ``"default"`` entry, else ``None`` (the rule's own default)."""
+    if isinstance(rcond, Mapping):
+        return rcond.get(kind, rcond.get("default"))
+    return rcond
 
 
 def zeros_for(leaf):

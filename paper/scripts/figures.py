@@ -33,6 +33,8 @@ from generate import (  # noqa: E402
     COST_ROUTES,
     COST_WIDTH,
     FISHER_METHODS,
+    NEW_METHODS,
+    NEW_SETTINGS,
     NULLSPACE_METHODS,
     NULLSPACE_SETTINGS,
     PAPER,
@@ -42,6 +44,7 @@ from generate import (  # noqa: E402
     WHISKERS,
     cost_points,
     cost_slope,
+    is_validation_protocol,
     load,
 )
 
@@ -59,10 +62,75 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def training_curves_v2(rows, runs, out: Path):
+    """Validation protocol: training loss against steps (top) and wall-clock (bottom) per
+    setting, mean over seeds with the min–max band; one legend below the panels."""
+    settings = [s for s in NEW_SETTINGS if any(r["setting"] == s for r in runs.values())]
+    fig, axes = plt.subplots(2, len(settings), figsize=(2.6 * len(settings), 4.6), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    series = {}
+    for r in rows:
+        if r["metric"] in ("train_loss", "wall_s"):
+            series.setdefault(r["run"], {}).setdefault(r["metric"], {})[r["step"]] = float(
+                r["value"]
+            )
+    handles = {}
+    for col, setting in enumerate(settings):
+        for j, method in enumerate(NEW_METHODS):
+            curves = [
+                series[rid]
+                for rid, info in sorted(runs.items())
+                if info["setting"] == setting
+                and info["method"] == method
+                and rid in series
+                and "train_loss" in series[rid]
+            ]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c["train_loss"]) for c in curves)))
+            vals = np.array([[c["train_loss"][k] for k in steps] for c in curves])
+            vals = np.where(np.isfinite(vals) & (vals < 1e8), vals, np.nan)
+            wall = np.array([[c.get("wall_s", {}).get(k, np.nan) for k in steps] for c in curves])
+            with warnings.catch_warnings():  # all-nan columns after a divergence
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
+                w = np.nanmean(wall, 0)
+            colour = cmap(j % 10)
+            (line,) = axes[0, col].plot(steps, mean, color=colour, lw=1.1)
+            axes[0, col].fill_between(steps, lo, hi, color=colour, alpha=0.15, lw=0)
+            keep = np.isfinite(w) & (w > 0)
+            axes[1, col].plot(w[keep], mean[keep], color=colour, lw=1.1)
+            axes[1, col].fill_between(w[keep], lo[keep], hi[keep], color=colour, alpha=0.15, lw=0)
+            handles.setdefault(method, line)
+        axes[0, col].set_title(setting)
+        axes[0, col].set_xlabel("step")
+        axes[1, col].set_xlabel("wall-clock (s, excl. compilation)")
+        axes[1, col].set_xscale("log")
+        for ax in axes[:, col]:
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("training loss")
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(5, len(handles)),
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02),
+    )
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = out / "training_curves.pdf"
+    save(fig, path)
+    return path
+
+
 def training_curves(results: Path, out: Path):
     level, rows, runs = load(results, "training")
     if level is None:
         return None
+    if is_validation_protocol(runs):
+        return training_curves_v2(rows, runs, out)
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in runs.values())]
     fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 2.8), squeeze=False)
     cmap = plt.get_cmap("tab10")

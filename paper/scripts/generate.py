@@ -39,6 +39,21 @@ TRAINING_METHODS = (
     "ngd-modular-primitive",
 )
 SETTINGS = ("digits", "mnist1d", "diabetes")
+#: The protocol with a validation sweep (runs whose config has ``hp``): its settings and
+#: methods, and the earlier setting name each new one also answers to in the text's macros.
+NEW_SETTINGS = ("digits", "diabetes", "mnist1d-mlp", "mnist1d-cnn")
+NEW_METHODS = (
+    "sgd",
+    "adam",
+    "ngd-empirical-cg",
+    "ngd-mc1-cg",
+    "ngd-exact-gram",
+    "ngd-exact-cg",
+    "ngd-modular-layer",
+    "ngd-modular-primitive",
+    "kfac",
+)
+SETTING_ALIASES = {"mnist1d": "mnist1d-mlp"}
 #: Percentiles of the whiskers in the one-step box plot (figures.py), quoted in its caption.
 WHISKERS = (5, 95)
 FISHER_METHODS = (
@@ -236,6 +251,139 @@ def training_numbers(level, summary, runs) -> dict:
             finite = np.any(np.isfinite(ratio))
             nums[macro_name(*key, "ratio")] = fmt(float(np.nanmean(ratio)), 2) if finite else "n/a"
             nums[macro_name(*key, "diverged")] = str(e["status"].count("diverged"))
+    return nums
+
+
+def is_validation_protocol(runs) -> bool:
+    """Whether the training runs are of the validation-sweep protocol (``config["hp"]``)."""
+    return any("hp" in (r.get("config") or {}) for r in runs.values())
+
+
+def training_summary_v2(rows, runs):
+    """Per ``(setting, method)`` of the validation protocol: per-seed finals and flags.
+
+    A ``degenerate`` run (some map fully cut at an evaluation step) keeps its numbers and
+    is flagged; ``diverged``, ``error`` and ``skipped`` runs have none.
+    """
+    final = {}
+    for r in rows:
+        key = (r["run"], r["metric"])
+        if key not in final or r["step"] >= final[key][0]:
+            final[key] = (r["step"], _value(r["value"]))
+    nan = (None, float("nan"))
+    out = {}
+    for rid, info in sorted(runs.items()):
+        cfg = info.get("config") or {}
+        sgd = f"sgd|{info['setting']}|{info['seed']}"
+        kept = info["status"] in ("ok", "degenerate")
+        get = lambda m, rid=rid, kept=kept: final.get((rid, m), nan)[1] if kept else nan[1]  # noqa: E731
+        test = get("test_accuracy") if (rid, "test_accuracy") in final else get("test_mse")
+        e = out.setdefault(
+            (info["setting"], info["method"]),
+            {"train_loss": [], "test": [], "ratio": [], "wall": [], "status": [], "hp": None},
+        )
+        e["train_loss"].append(get("train_loss"))
+        e["test"].append(test)
+        e["ratio"].append(
+            final.get((rid, "step_time_s"), nan)[1] / final.get((sgd, "step_time_s"), nan)[1]
+        )
+        e["wall"].append(get("wall_s"))
+        e["status"].append(info["status"])
+        e["hp"] = cfg.get("hp") or e["hp"]
+        e["steps"] = cfg.get("steps")
+        e["note"] = info.get("note", "") or e.get("note", "")
+    return out
+
+
+def _hp_tex(hp) -> str:
+    if not hp:
+        return "--"
+    parts = [rf"$\eta$={fmt(hp['learning_rate'], 2)}"]
+    if "damping" in hp:
+        parts.append(rf"$\lambda$={fmt(hp['damping'], 2)}" if hp["damping"] else r"$\lambda$=0")
+    if "rcond" in hp:
+        a, d = (("def." if v is None else fmt(v, 2)) for v in hp["rcond"])
+        parts.append(f"rcond {a}/{d}")
+    return ", ".join(parts)
+
+
+def _flags(statuses) -> str:
+    bad = {s: statuses.count(s) for s in ("degenerate", "diverged", "error", "skipped")}
+    return ", ".join(f"{s} {n}/{len(statuses)}" for s, n in bad.items() if n) or "--"
+
+
+def training_table_v2(summary) -> str:
+    lines = [
+        r"\begin{tabular}{lllrcccl}",
+        r"\toprule",
+        r"setting & method & chosen (validation) & steps & test metric & "
+        r"time/step $\div$ SGD & wall-clock (s) & flags \\",
+        r"\midrule",
+    ]
+    for setting in NEW_SETTINGS:
+        present = [m for m in NEW_METHODS if (setting, m) in summary]
+        for i, method in enumerate(present):
+            e = summary[(setting, method)]
+            scale = 1.0 if setting == "diabetes" else 100.0
+            ratio = np.asarray(e["ratio"], dtype=float)
+            ratio_s = fmt(float(np.nanmean(ratio)), 2) if np.any(np.isfinite(ratio)) else "--"
+            name = setting if i == 0 else ""
+            skipped = all(s == "skipped" for s in e["status"])
+            lines.append(
+                rf"{name} & \texttt{{{method}}} & {_hp_tex(e['hp'])} & {e.get('steps') or '--'} & "
+                rf"{'--' if skipped else fmt_pm(e['test'], scale)} & {ratio_s} & "
+                rf"{'--' if skipped else fmt_pm(e['wall'], 1.0, 2)} & {_flags(e['status'])} \\"
+            )
+        if present:
+            lines.append(r"\midrule")
+    if lines[-1] == r"\midrule":
+        lines[-1] = r"\bottomrule"
+    else:
+        lines.append(r"\bottomrule")
+    lines.append(r"\end{tabular}")
+    return "\n".join(lines) + "\n"
+
+
+def training_numbers_v2(level, summary, runs) -> dict:
+    """The validation protocol's macros, under the earlier names too (``mnist1d`` → MLP)."""
+    seeds = sorted({r["seed"] for r in runs.values()})
+    nums = {macro_name("training", "seeds"): str(len(seeds))}
+    steps = sorted({r["config"].get("steps") for r in runs.values() if r.get("config")} - {None})
+    nums[macro_name("training", "steps")] = str(steps[-1]) if steps else "n/a"
+    nums[macro_name("training", "level")] = level or "none"
+    nums[macro_name("training", "runs")] = str(len(runs))
+    nums[macro_name("training", "dirty", "runs")] = str(
+        sum(1 for r in runs.values() if not _committed(r.get("git")))
+    )
+    for method in sorted(set(TRAINING_METHODS) | set(NEW_METHODS)):
+        hp = (summary.get(("digits", method)) or {}).get("hp") or {}
+        lr, lam = hp.get("learning_rate"), hp.get("damping")
+        nums[macro_name("training", "lr", method)] = fmt(lr, 2) if lr is not None else "n/a"
+        nums[macro_name("training", "damping", method)] = fmt(lam, 2) if lam else "n/a"
+    names = {s: s for s in NEW_SETTINGS} | SETTING_ALIASES
+    for label, setting in names.items():
+        scale = 1.0 if setting == "diabetes" else 100.0
+        for method in sorted(set(TRAINING_METHODS) | set(NEW_METHODS)):
+            key = ("training", label, method)
+            e = summary.get((setting, method))
+            if e is None:
+                for what in ("test", "loss", "ratio", "diverged", "degenerate", "wall"):
+                    nums[macro_name(*key, what)] = "n/a"
+                continue
+            with np.errstate(all="ignore"):
+                test = np.asarray(e["test"], dtype=float) * scale
+                loss = np.asarray(e["train_loss"], dtype=float)
+                ratio = np.asarray(e["ratio"], dtype=float)
+                wall = np.asarray(e["wall"], dtype=float)
+            mean = lambda a: fmt(float(np.nanmean(a))) if np.any(np.isfinite(a)) else "n/a"  # noqa: E731
+            nums[macro_name(*key, "test")] = mean(test)
+            nums[macro_name(*key, "loss")] = mean(loss)
+            nums[macro_name(*key, "ratio")] = (
+                fmt(float(np.nanmean(ratio)), 2) if np.any(np.isfinite(ratio)) else "n/a"
+            )
+            nums[macro_name(*key, "wall")] = mean(wall)
+            nums[macro_name(*key, "diverged")] = str(e["status"].count("diverged"))
+            nums[macro_name(*key, "degenerate")] = str(e["status"].count("degenerate"))
     return nums
 
 
@@ -783,9 +931,14 @@ def generate(results: Path, out: Path) -> list[Path]:
 
     header = "% Generated by paper/scripts/generate.py from results/. Do not edit.\n"
     level, rows, runs = load(results, "training")
-    tsum = training_summary(rows, runs)
-    write("training_table.tex", header + training_table(tsum))
-    nums = training_numbers(level, tsum, runs)
+    if is_validation_protocol(runs):
+        tsum = training_summary_v2(rows, runs)
+        write("training_table.tex", header + training_table_v2(tsum))
+        nums = training_numbers_v2(level, tsum, runs)
+    else:  # results of the earlier protocol (chosen on training loss): as they were
+        tsum = training_summary(rows, runs)
+        write("training_table.tex", header + training_table(tsum))
+        nums = training_numbers(level, tsum, runs)
 
     flevel, frows, fruns = load(results, "fisher_kinds")
     fsum = fisher_summary(frows)
