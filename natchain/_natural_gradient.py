@@ -103,7 +103,7 @@ def fisher_vp(model, params, x, family, *, kind="true", y=None, key=None, num_sa
 
 
 def make_solver(solver, **options) -> AbstractSolver:
-    """A solver from a name (``"pinv"``, ``"cholesky"``, ``"gram"``, ``"cg"``) or an instance."""
+    """A solver from a name (one of :data:`natchain.SOLVERS`) or an instance."""
     if isinstance(solver, AbstractSolver):
         if options:
             raise ValueError(f"solver options {sorted(options)} given with a solver instance.")
@@ -139,8 +139,9 @@ def natural_gradient(
         y: targets, ``(N, ...)`` as the family expects.
         family: the output family.
         solver: ``"pinv"`` (dense eigendecomposition), ``"cholesky"`` (dense, damped),
-            ``"gram"`` (``N·r`` output space), ``"cg"`` (matrix-free), or an
-            :class:`AbstractSolver` instance.
+            ``"gram"`` (``N·r`` output space), ``"cg"`` (matrix-free), ``"auto"`` (the
+            cheapest of these for the problem's sizes, chosen at trace time and reported
+            as ``stats["route"]``), or an :class:`AbstractSolver` instance.
         kind: Fisher kind, ``"true"``, ``"mc"`` or ``"empirical"``.
         damping: ``λ ≥ 0``; ``0`` gives the minimum-norm solution.
         key, num_samples: for ``kind="mc"``.
