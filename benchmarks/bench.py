@@ -474,7 +474,7 @@ def auto_section(rows, env, reps):
             f"| {'-'.join(map(str, row['widths']))} | {row['P']} | {row['N']} | "
             + " | ".join(cell(row, k) for k in names)
             + f" | {cell(row, 'auto')} ({row['auto_choice']}) | {row['auto_over_best']:.2f} |"
-            + f" {row['auto_over_worst']:.2f} |"
+            + f" {row['auto_over_worst']:.2g} |"
         )
     ratios = [r["auto_over_best"] for r in rows]
     lines += [
