@@ -113,6 +113,10 @@ def render(results: dict, settings: dict) -> str:
         "fresh preconditioner (one backward pass per probe, `min(R, dim)³` per factor) plus "
         "one Fisher-vector product per step | `num_steps`, residual, `converged`, "
         "`kronecker_params` |",
+        "| `auto` | the route its cost model expects to be cheapest, from static sizes "
+        "(`N`, `r`, `P`, dtype, damping, the structure found) | nothing | the chosen route's, "
+        "plus nothing at run time (the choice is made while tracing) | the chosen route's, "
+        "and `route` (an index into the route list in docs/statistics.md) |",
         "",
         "`pcg` is exact by the same residual test as `cg`; its preconditioner changes the step "
         "count only. `PCG.prepare(problem, damping)` returns the factors' eigendecompositions "

@@ -36,7 +36,7 @@ from natchain._natural_gradient import (
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._sharding import GramRows
-from natchain._solvers import CG, PCG, SOLVERS, AbstractSolver, Cholesky, Gram, Pinv
+from natchain._solvers import CG, PCG, SOLVERS, AbstractSolver, Auto, Cholesky, Gram, Pinv
 from natchain._status import RESULTS, STAT_KEYS, SolverError, default_tol
 from natchain._structure._inspect import LeafRow, StructureTable, inspect_structure
 
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbstractFamily",
     "AbstractSolver",
+    "Auto",
     "Bernoulli",
     "Categorical",
     "CG",

@@ -103,7 +103,7 @@ def fisher_vp(model, params, x, family, *, kind="true", y=None, key=None, num_sa
 
 
 def make_solver(solver, **options) -> AbstractSolver:
-    """A solver from a name (``"pinv"``, ``"cholesky"``, ``"gram"``, ``"cg"``) or an instance."""
+    """A solver from a name (one of :data:`natchain.SOLVERS`) or an instance."""
     if isinstance(solver, AbstractSolver):
         if options:
             raise ValueError(f"solver options {sorted(options)} given with a solver instance.")
@@ -139,8 +139,9 @@ def natural_gradient(
         y: targets, ``(N, ...)`` as the family expects.
         family: the output family.
         solver: ``"pinv"`` (dense eigendecomposition), ``"cholesky"`` (dense, damped),
-            ``"gram"`` (``N·r`` output space), ``"cg"`` (matrix-free), or an
-            :class:`AbstractSolver` instance.
+            ``"gram"`` (``N·r`` output space), ``"cg"`` (matrix-free), ``"auto"`` (the
+            cheapest of these for the problem's sizes, chosen at trace time and reported
+            as ``stats["route"]``), or an :class:`AbstractSolver` instance.
         kind: Fisher kind, ``"true"``, ``"mc"`` or ``"empirical"``.
         damping: ``λ ≥ 0``; ``0`` gives the minimum-norm solution.
         key, num_samples: for ``kind="mc"``.
@@ -170,11 +171,55 @@ def natural_gradient(
     return Solution(value, grad, stats)
 
 
+def has_prepare(solver) -> bool:
+    """Whether ``solver`` computes something reusable across steps (its own ``prepare``)."""
+    own = getattr(type(solver), "prepare", None)
+    return own is not None and own is not getattr(AbstractSolver, "prepare", None)
+
+
+def natural_gradient_prepared(
+    model, params, x, y, family, solver, *, kind, damping, key, num_samples, prepared, refresh
+):
+    """:func:`natural_gradient` for a solver with ``prepare``, reusing what it prepared.
+
+    ``prepared`` is the previous step's ``solver.prepare(problem, damping)`` (``None``:
+    none yet, prepared now); it is recomputed at this point where ``refresh`` (a boolean,
+    traced or not) is true. Returns ``(Solution, prepared)``.
+    """
+    check_nonnegative(damping, "damping")
+    validate_inputs(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
+    damped = bool(damping > 0) if is_concrete(damping) else None
+    solve = partial(_solve_prepared, model, family, solver, kind, num_samples, damped)
+    value, grad, stats, finite, prepared = call_on_mesh(
+        solve, params, x, y, damping, key, prepared, refresh
+    )
+    check_outputs(finite)
+    return Solution(value, grad, stats), prepared
+
+
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _solve(model, family, solver, kind, num_samples, damped, params, x, y, damping, key):
     """The traced part of :func:`natural_gradient` (compiled once per model and configuration)."""
-    prob = build_problem(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
-    prob = dataclasses.replace(prob, damped=damped)
+    prob = _problem(model, family, kind, num_samples, damped, params, x, y, key)
     flat_sol, stats = solver.solve(prob, damping)
     finite = jnp.all(jnp.isfinite(prob.eta))
-    return prob.unravel(flat_sol), prob.unravel(prob.gradient()), stats, finite
+    return prob.unravel(flat_sol), prob.gradient_tree(), stats, finite
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _solve_prepared(
+    model, family, solver, kind, num_samples, damped, params, x, y, damping, key, prepared, refresh
+):
+    prob = _problem(model, family, kind, num_samples, damped, params, x, y, key)
+    if prepared is None:
+        prepared = solver.prepare(prob, damping)
+    else:
+        prepared = jax.lax.cond(refresh, lambda: solver.prepare(prob, damping), lambda: prepared)
+    flat_sol, stats = solver.solve(prob, damping, prepared=prepared)
+    finite = jnp.all(jnp.isfinite(prob.eta))
+    return prob.unravel(flat_sol), prob.gradient_tree(), stats, finite, prepared
+
+
+def _problem(model, family, kind, num_samples, damped, params, x, y, key):
+    prob = build_problem(model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples)
+    return dataclasses.replace(prob, damped=damped)

@@ -31,9 +31,10 @@ Each style is exercised in ``tests/test_optim.py`` (Flax and Equinox where insta
 gradient of the batch's loss; it must come first. ``optax.chain(optax.sgd(lr),
 scale_by_natural_gradient(...))`` discards the learning rate and its sign (the result is
 ``+n``, an ascent step of unit rate); use ``optax.chain(scale_by_natural_gradient(...),
-optax.sgd(lr))``. The incoming updates are compared with the loss gradient and the cosine
-is recorded as ``info["grad_cosine"]``: a value below ``1`` means something before this
-transformation changed the gradient (``-1`` for ``optax.sgd`` placed first).
+optax.sgd(lr))``. With ``stats="full"`` the incoming updates are compared with the loss
+gradient and the cosine is recorded as ``info["grad_cosine"]``: a value below ``1`` means
+something before this transformation changed the gradient (``-1`` for ``optax.sgd``
+placed first).
 
 **Non-finite steps.** With ``guard=True`` (the default) a step whose natural gradient is
 not finite is replaced by zeros and recorded (``info["skipped"]``,
@@ -52,11 +53,18 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from natchain._checks import check_choice, check_nonnegative
-from natchain._natural_gradient import make_solver, natural_gradient
+from natchain._natural_gradient import (
+    has_prepare,
+    make_solver,
+    natural_gradient,
+    natural_gradient_prepared,
+)
 from natchain._problem import KINDS, check_family, output_factor
 from natchain._status import stats_template
 
 METHODS = ("exact", "modular")
+#: Statistics levels of ``scale_by_natural_gradient(stats=...)``.
+STATS_LEVELS = ("basic", "full")
 
 
 class NaturalGradientState(NamedTuple):
@@ -78,12 +86,15 @@ class NaturalGradientState(NamedTuple):
             (a pytree shaped like ``params``: the step's norm per leaf) and, for
             ``method="modular"``, ``maps`` (per map: ``rank``, ``num_cut``,
             ``condition``; empty for ``method="exact"``).
+        prepared: what the solver's ``prepare`` computed (e.g. a preconditioner), reused
+            for ``refresh_every`` steps; ``None`` for solvers without ``prepare``.
     """
 
     count: jax.Array
     key: jax.Array
     num_skipped: jax.Array
     info: dict
+    prepared: Any = None
 
 
 #: Solver statistics copied into the optimiser's ``info`` (the rest are solver extras).
@@ -167,6 +178,8 @@ def scale_by_natural_gradient(
     seed: int = 0,
     guard: bool = True,
     example_batch: tuple | None = None,
+    stats: str = "basic",
+    refresh_every: int = 1,
     **options,
 ) -> Any:
     """Replace the gradient by the natural gradient of the model's loss on the batch.
@@ -201,10 +214,23 @@ def scale_by_natural_gradient(
             called without ``key``.
         guard: replace a non-finite natural gradient by zeros and record it
             (``info["skipped"]``, ``state.num_skipped``) instead of passing it on.
-        example_batch: ``(x, y)`` of the training batches' shapes, ``method="modular"``
-            only: fills the per-map statistics ``info["maps"]`` at ``init`` so the state
-            keeps one structure from the start (needed under ``lax.scan``); without it
-            they appear from the first update.
+        example_batch: ``(x, y)`` of the training batches' shapes: for
+            ``method="modular"`` it fills the per-map statistics ``info["maps"]`` at
+            ``init``, for a solver with ``prepare`` the shape of ``state.prepared``, so
+            the state keeps one structure from the start (needed under ``lax.scan``);
+            without it they appear from the first update.
+        stats: ``"basic"`` (default) or ``"full"``. Both record the solver's statistics
+            (its residual test included), the norms and the guard. ``"full"`` adds what
+            costs extra model evaluations: ``info["kl"]`` (one JVP; always computed when
+            ``max_kl`` is set) and ``info["grad_cosine"]`` (the incoming updates against
+            the loss gradient; for ``method="modular"`` one more gradient). With
+            ``"basic"`` those read ``nan``, and for ``method="exact"`` ``grad_norm`` is
+            the norm of the loss gradient the solve computed: the incoming updates are
+            not read at all, so the caller's own gradient costs nothing under ``jit``
+            (docs/statistics.md).
+        refresh_every: for a solver with a ``prepare`` method (something reusable across
+            steps, such as a preconditioner), recompute it every ``refresh_every`` steps
+            and keep it in ``state.prepared`` in between; ignored by other solvers.
         **options: passed on to the solver (``tol``, ``maxiter``, ``rcond``, ...) for
             ``method="exact"``, or to ``natchain.grad`` for ``method="modular"``.
 
@@ -215,7 +241,8 @@ def scale_by_natural_gradient(
 
     Raises:
         ValueError: an unknown ``method`` or ``kind``, options that do not apply to the
-            chosen method, negative ``damping`` or a non-positive ``max_kl``.
+            chosen method, negative ``damping``, a non-positive ``max_kl`` or
+            ``refresh_every``, an unknown ``stats`` level.
         TypeError: ``family`` is not a natchain family.
         NotImplementedError: ``method="modular"`` where ``natchain.grad`` is unavailable.
         ImportError: optax is not installed (it is needed for this function only).
@@ -237,24 +264,48 @@ def scale_by_natural_gradient(
         check_nonnegative(damping, "damping")
     if not isinstance(guard, bool):
         raise ValueError(f"guard must be True or False; got {guard!r}.")
+    check_choice(stats, STATS_LEVELS, "stats")
+    if not (isinstance(refresh_every, int) and refresh_every >= 1):
+        raise ValueError(f"refresh_every must be a positive integer; got {refresh_every!r}.")
+    full = stats == "full"
+    prepares = False
     if method == "modular":
         if callable(damping) or float(damping) != 0.0:
             raise ValueError("damping applies to method='exact' only.")
         options = dict(options, kind=kind, num_samples=num_samples, return_stats=True)
         modular = _resolve_modular(model, family, granularity, options)
 
-        def direction(params, x, y, key, count):
+        def direction(params, x, y, key, count, prepared):
             del count
-            nat, stats = modular(params, x, y, key=key)
+            nat, st = modular(params, x, y, key=key)
+            if not full:
+                return nat, st, None, prepared
             loss = lambda p: jnp.mean(jax.vmap(family.nll)(model(p, x), y))
-            return nat, stats, jax.grad(loss)(params)
+            return nat, st, jax.grad(loss)(params), prepared
     else:
         if granularity != "layer":
             raise ValueError("granularity applies to method='modular' only.")
-        make_solver(solver, **options)  # refuse bad solver configuration now
+        solver_obj = make_solver(solver, **options)  # refuse bad solver configuration now
+        prepares = has_prepare(solver_obj)
 
-        def direction(params, x, y, key, count):
+        def direction(params, x, y, key, count, prepared):
             lam = damping(count) if callable(damping) else damping
+            if prepares:
+                sol, prepared = natural_gradient_prepared(
+                    model,
+                    params,
+                    x,
+                    y,
+                    family,
+                    solver_obj,
+                    kind=kind,
+                    damping=lam,
+                    key=key,
+                    num_samples=num_samples,
+                    prepared=prepared,
+                    refresh=count % refresh_every == 0,
+                )
+                return sol.value, sol.stats, sol.grad, prepared
             sol = natural_gradient(
                 model,
                 params,
@@ -268,22 +319,25 @@ def scale_by_natural_gradient(
                 num_samples=num_samples,
                 **options,
             )
-            return sol.value, sol.stats, sol.grad
+            return sol.value, sol.stats, sol.grad, prepared
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
-        maps = {}
-        if method == "modular" and example_batch is not None:  # the per-map keys, up front
-            bx, by = example_batch
-            shapes = jax.eval_shape(
-                lambda p: direction(p, bx, by, jax.random.PRNGKey(0), 0)[1]["maps"], params
+        maps, prepared = {}, None
+        zeros = lambda shapes: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        if example_batch is not None and (method == "modular" or prepares):
+            bx, by = example_batch  # the per-map keys and the prepared shapes, up front
+            out = jax.eval_shape(
+                lambda p: direction(p, bx, by, jax.random.PRNGKey(0), 0, None), params
             )
-            maps = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            maps = zeros(out[1].get("maps", {}))
+            prepared = zeros(out[3])  # step 0 refreshes it (0 % refresh_every == 0)
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32),
             key=jax.random.PRNGKey(seed),
             num_skipped=jnp.zeros((), jnp.int32),
             info=_empty_info(params, flat.dtype, maps),
+            prepared=prepared,
         )
 
     def update_fn(updates, state, params=None, *, x=None, y=None, key=None, **extra_args):
@@ -296,42 +350,58 @@ def scale_by_natural_gradient(
         new_key = state.key
         if key is None:
             new_key, key = jax.random.split(state.key)
-        nat, stats, grad = direction(params, x, y, key, state.count)
+        nat, st, grad, prepared = direction(params, x, y, key, state.count, state.prepared)
         nat = jax.tree_util.tree_map(lambda n, p: jnp.asarray(n, jnp.result_type(p)), nat, params)
-        dtype = ravel_pytree(params)[0].dtype
-        finite = jnp.all(jnp.isfinite(ravel_pytree(nat)[0]))
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+        leaf_sq = [jnp.sum(jnp.square(n)) for n in jax.tree_util.tree_leaves(nat)]
+        sq = sum(leaf_sq)
+        finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(n)) for n in jax.tree_util.tree_leaves(nat)])
+        )
         if guard:
             nat = jax.tree_util.tree_map(lambda n: jnp.where(finite, n, jnp.zeros_like(n)), nat)
-        kl = second_order_kl(model, family, params, x, nat)
+            leaf_sq = [jnp.where(finite, q, 0.0) for q in leaf_sq]
+            sq = jnp.where(finite, sq, 0.0)
+        nan = jnp.asarray(jnp.nan, dtype)
+        kl = nan
+        if full or max_kl is not None:
+            kl = second_order_kl(model, family, params, x, nat)
         scale = jnp.ones((), dtype)
         if max_kl is not None:
             safe = jnp.where(kl > max_kl, kl, 1.0)
             scale = jnp.where(kl > max_kl, jnp.sqrt(max_kl / safe), 1.0)
             nat = jax.tree_util.tree_map(lambda n: n * scale.astype(n.dtype), nat)
             kl = kl * scale * scale
+            leaf_sq = [q * scale * scale for q in leaf_sq]
+            sq = sq * scale * scale
+        # The incoming updates are read only with stats="full" or where the solve gave no
+        # gradient (modular): otherwise the caller's own gradient is dead code for XLA.
+        incoming = updates if (full or grad is None) else grad
+        cosine = _cosine(updates, grad).astype(dtype) if full else nan
         info = _empty_info(params, dtype, {})
         skipped = jnp.logical_not(finite) if guard else jnp.asarray(False)
         info.update(
-            kl=kl,
+            kl=kl.astype(dtype),
             scale=scale,
-            grad_norm=_tree_norm(updates),
-            step_norm=_tree_norm(nat),
-            grad_cosine=_cosine(updates, grad).astype(dtype),
+            grad_norm=_tree_norm(incoming).astype(dtype),
+            step_norm=jnp.sqrt(sq).astype(dtype),
+            grad_cosine=cosine,
             finite=finite,
             skipped=skipped,
-            leaf_step_norm=jax.tree_util.tree_map(
-                lambda n: jnp.sqrt(jnp.sum(jnp.square(n))).astype(dtype), nat
+            leaf_step_norm=jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(nat), [jnp.sqrt(q).astype(dtype) for q in leaf_sq]
             ),
-            maps=stats.get("maps", {}),
+            maps=st.get("maps", {}),
         )
         for name in (*_SOLVER_INFO, "condition"):
-            if name in stats:
-                info[name] = jnp.asarray(stats[name], info[name].dtype)
+            if name in st:
+                info[name] = jnp.asarray(st[name], info[name].dtype)
         new_state = NaturalGradientState(
             count=state.count + 1,
             key=new_key,
             num_skipped=state.num_skipped + skipped.astype(jnp.int32),
             info=info,
+            prepared=prepared,
         )
         return nat, new_state
 

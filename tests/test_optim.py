@@ -442,12 +442,13 @@ def test_guard_never_lets_a_non_finite_step_into_the_parameters():
 
 
 def test_chain_order_mistake_shows_in_grad_cosine():
-    """``optax.sgd`` placed before the transformation: recorded cosine −1 (documented)."""
+    """``optax.sgd`` placed before the transformation: recorded cosine −1 (``stats="full"``)."""
     model, params, x, y = _classification()
     fam = nc.Categorical()
     grads = jax.grad(lambda p: _loss(model, fam, p, x, y))(params)
-    right = optax.chain(nc.scale_by_natural_gradient(model, fam, damping=1e-3), optax.sgd(0.1))
-    wrong = optax.chain(optax.sgd(0.1), nc.scale_by_natural_gradient(model, fam, damping=1e-3))
+    ng = nc.scale_by_natural_gradient(model, fam, damping=1e-3, stats="full")
+    right = optax.chain(ng, optax.sgd(0.1))
+    wrong = optax.chain(optax.sgd(0.1), ng)
     _, s_right = _update(right, grads, right.init(params), params, x=x, y=y)
     _, s_wrong = _update(wrong, grads, wrong.init(params), params, x=x, y=y)
     np.testing.assert_allclose(float(s_right[0].info["grad_cosine"]), 1.0, rtol=1e-12)
@@ -503,3 +504,78 @@ def test_optimiser_is_deterministic_for_mc():
         return _flat(p)
 
     assert np.array_equal(run(), run())
+
+
+def test_basic_statistics_skip_extra_evaluations_and_full_fills_them():
+    """``stats="basic"`` (default): same step, ``kl``/``grad_cosine`` ``nan``, updates unread.
+
+    ``"full"`` adds the KL (checked against ``½ uᵀ F u`` with the dense Fisher) and the
+    cosine. Float64; ``rtol=1e-10`` between two compiled programs of the same solve
+    (round-off only), ``1e-8`` for the KL as in the trust-region test.
+    """
+    model, params, x, y = _classification(seed=2)
+    fam = nc.Categorical()
+    grads = jax.grad(lambda p: _loss(model, fam, p, x, y))(params)
+    basic = nc.scale_by_natural_gradient(model, fam, solver="gram", damping=1e-3)
+    full = nc.scale_by_natural_gradient(model, fam, solver="gram", damping=1e-3, stats="full")
+    u_b, s_b = _update(basic, grads, basic.init(params), params, x=x, y=y)
+    u_f, s_f = _update(full, grads, full.init(params), params, x=x, y=y)
+    np.testing.assert_allclose(_flat(u_b), _flat(u_f), rtol=1e-10)
+    assert np.isnan(float(s_b.info["kl"])) and np.isnan(float(s_b.info["grad_cosine"]))
+    assert int(s_b.info["result"]) == nc.RESULTS.successful
+    np.testing.assert_allclose(float(s_b.info["grad_norm"]), float(jnp.linalg.norm(_flat(grads))))
+    fisher = nc.fisher_matrix(model, params, x, fam)
+    np.testing.assert_allclose(
+        float(s_f.info["kl"]), float(0.5 * _flat(u_f) @ fisher @ _flat(u_f)), rtol=1e-8
+    )
+    np.testing.assert_allclose(float(s_f.info["grad_cosine"]), 1.0, rtol=1e-12)
+    # "basic" never reads the incoming updates (the solve has its own gradient).
+    junk = jax.tree_util.tree_map(lambda g: jnp.full_like(g, jnp.nan), grads)
+    u_j, s_j = _update(basic, junk, basic.init(params), params, x=x, y=y)
+    np.testing.assert_array_equal(_flat(u_j), _flat(u_b))
+    assert not bool(s_j.info["skipped"])
+    with pytest.raises(ValueError, match="stats="):
+        nc.scale_by_natural_gradient(model, fam, stats="everything")
+    with pytest.raises(ValueError, match="refresh_every"):
+        nc.scale_by_natural_gradient(model, fam, refresh_every=0)
+
+
+class _StampedCG(nc.CG):
+    """A CG whose ``prepare`` stamps the parameters' sum; ``solve`` reports what it got."""
+
+    def prepare(self, problem, damping):
+        return jnp.sum(problem.flat)
+
+    def solve(self, problem, damping, prepared=None):
+        flat, stats = super().solve(problem, damping)
+        return flat, dict(stats, condition=prepared)
+
+
+def test_refresh_every_keeps_prepared_between_refreshes():
+    """``prepare`` runs at steps 0, 2, 4 (``refresh_every=2``); ``solve`` gets the kept value."""
+    model, params, x, y = _classification(seed=3)
+    fam = nc.Categorical()
+    tx = nc.scale_by_natural_gradient(
+        model, fam, solver=_StampedCG(), damping=1e-3, refresh_every=2, example_batch=(x, y)
+    )
+    state = tx.init(params)
+    assert state.prepared is not None  # shaped at init from example_batch
+    start = jax.tree_util.tree_structure(state)
+    p, stamps, sums = params, [], []
+    for _ in range(5):
+        sums.append(float(_flat(p).sum()))
+        u, state = _update(tx, p, state, p, x=x, y=y)
+        assert jax.tree_util.tree_structure(state) == start
+        stamps.append(float(state.prepared))
+        np.testing.assert_allclose(float(state.info["condition"]), stamps[-1], rtol=1e-12)
+        assert int(state.info["result"]) == nc.RESULTS.successful
+        p = jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, p, u)
+    expect = [sums[0], sums[0], sums[2], sums[2], sums[4]]
+    np.testing.assert_allclose(stamps, expect, rtol=1e-12)
+    assert len(set(expect)) == 3  # the parameters did move: a stale stamp would show
+    # without example_batch the first update prepares it
+    tx2 = nc.scale_by_natural_gradient(model, fam, solver=_StampedCG(), damping=1e-3)
+    s2 = tx2.init(params)
+    assert s2.prepared is None
+    _, s2 = _update(tx2, params, s2, params, x=x, y=y)
+    np.testing.assert_allclose(float(s2.prepared), sums[0], rtol=1e-12)

@@ -1,0 +1,232 @@
+"""``solver="auto"``: pick the cheapest exact route from static facts, at trace time.
+
+The facts are known before anything runs: the batch size ``N``, the output width ``m``,
+the output-factor width ``r`` (``N·r`` is the Gram system's size), the parameter count
+``P``, the dtype, whether the damping is known to be positive, the Fisher kind, how many
+parameters the Gram route's per-layer structure covers, and whether a dense ``P × P``
+matrix is allowed (``P ≤ max_params``). Each candidate route has an estimated time in
+seconds; the cheapest applicable one runs, and its code is reported as
+``stats["route"]`` (an index into :data:`ROUTES`).
+
+Cost model (seconds; ``c = 2·N·P``, the flops of one forward pass of a dense network)::
+
+    pass      = c / RATE_PASS + OVERHEAD_PASS        one JVP, VJP or forward pass
+    jac(p)    = min(N·m, p) · 2·N·p / RATE_PASS        Jacobian for p parameters
+    dense     = jac(P) + 2·N·r·P² / RATE_MATMUL        J, then Bᵀ B
+              + P³ / RATE_CHOL   (cholesky)  or  P³ / RATE_EIGH   (pinv)
+    gram      = r·pass / 2                             batched backward passes for D̃
+              + 2·(N²·Σa + (N·r)²·Σb) / RATE_MATMUL    blocks X Xᵀ ∘ D̃ D̃ᵀ of the layers
+              (+ jac and 2·(N·r)²·p for the p parameters the structure does not cover)
+              + (N·r)³ / RATE_CHOL (damped) or (N·r)³ / RATE_EIGH (undamped)
+              + 6·pass                                 split, refinement, map back
+    cg        = K_CG(dtype) · (3·pass)                 one JVP and one VJP per step
+    pcg       = K_PCG(dtype) · (3·pass) + 2·P^1.5 / RATE_MATMUL      (when registered)
+
+and every route pays the residual test (three passes), left out as common to all. The
+``Σa``, ``Σb`` are the summed input and output widths of the layers the structure
+covers (a ``W`` of shape ``(a, b)``). The constants were measured on the development
+machine (2 x86 cores, XLA's CPU backend, float32, under load from other processes): a
+1280² matrix product ran at ``≈ 9·10¹⁰`` flop/s, a Cholesky factorisation in
+``≈ n³ / (4·10¹⁰)`` seconds (0.7 ms at ``n = 320``, 53 ms at ``n = 1280``),
+``jnp.linalg.eigh`` in ``≈ n³ / 10¹⁰`` seconds (3 ms at ``n = 320``), a JVP and a VJP of
+the 784-128-10 MLP at batch 32 in ``≈ 0.3`` ms (``≈ 6·10¹⁰`` flop/s, ``≈ 20 µs`` fixed);
+CG took 19–35 steps to the float32 default tolerance at damping ``10⁻³`` on that MLP
+(``K_CG = 30`` in float32, ``100`` in float64, where the tolerance is ``10⁻¹⁰``).
+``benchmarks/bench.py --auto-grid`` checks the choice against every fixed route on a
+grid (benchmarks/README.md).
+
+Candidates are the entries of :data:`CANDIDATES` whose name is registered in
+:data:`natchain.SOLVERS`: adding a route is one entry (a name, when it applies, its cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from natchain._solvers._base import DEFAULT_MAX_PARAMS, AbstractSolver
+
+#: Route codes of ``stats["route"]``: the index of the chosen route's name.
+ROUTES = ("pinv", "cholesky", "gram", "cg", "pcg")
+
+RATE_MATMUL = 9e10  # flop/s, large matrix products
+RATE_PASS = 6e10  # flop/s, a forward/JVP/VJP pass of the model
+OVERHEAD_PASS = 2e-5  # s, fixed cost of one pass
+RATE_CHOL = 4e10  # n³ per second for a Cholesky factorisation (n³/3 flops at 1.3e10 flop/s)
+RATE_EIGH = 1e10  # n³ per second for a symmetric eigendecomposition
+K_CG = {64: 100, 32: 30, 16: 10}  # expected CG steps by float width
+K_PCG = {64: 30, 32: 10, 16: 4}  # expected preconditioned CG steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the choice is made from (all static)."""
+
+    n: int  # batch size
+    m: int  # model output width
+    r: int  # output-factor width
+    p: int  # parameter count
+    bits: int  # float width of the parameters
+    damped: bool | None  # damping known > 0 (None: unknown before tracing)
+    kind: str
+    structured: int  # parameters covered by the Gram route's per-layer structure
+    gram_in: int = 0  # Σ input widths of the covered matrix leaves (rows of W, all but last axis)
+    gram_out: int = 0  # Σ output widths of the covered leaves (last axis; a bias: its size)
+    dense_ok: bool = True  # P ≤ max_params
+
+
+def _pass(f: Facts) -> float:
+    return 2.0 * f.n * f.p / RATE_PASS + OVERHEAD_PASS
+
+
+def _jacobian(f: Facts, p: int) -> float:
+    """The Jacobian for ``p`` of the parameters (reverse or forward mode, batched)."""
+    return min(f.n * f.m, p) * 2.0 * f.n * p / RATE_PASS + 2 * OVERHEAD_PASS
+
+
+def _dense(f: Facts, rate: float) -> float:
+    return _jacobian(f, f.p) + 2.0 * f.n * f.r * f.p**2 / RATE_MATMUL + f.p**3 / rate
+
+
+def _gram(f: Facts) -> float:
+    size = f.n * f.r
+    build = 0.5 * f.r * _pass(f)  # one batched backward pass per factor column
+    build += 2.0 * (f.n**2 * f.gram_in + size**2 * f.gram_out) / RATE_MATMUL
+    rest = f.p - f.structured
+    if rest > 0:
+        build += _jacobian(f, rest) + 2.0 * size**2 * rest / RATE_MATMUL
+    factor = size**3 / (RATE_CHOL if f.damped else RATE_EIGH)
+    return build + factor + 6 * _pass(f)
+
+
+def _cg(f: Facts) -> float:
+    return K_CG[f.bits] * 3 * _pass(f)
+
+
+def _pcg(f: Facts) -> float:
+    return K_PCG[f.bits] * 3 * _pass(f) + 2.0 * f.p**1.5 / RATE_MATMUL
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One route ``auto`` may pick: its registered name, when it applies, its cost."""
+
+    name: str
+    applies: Callable[[Facts], bool]
+    cost: Callable[[Facts], float]
+
+
+def _iterative_ok(f: Facts) -> bool:
+    # CG needs a positive definite system: undamped, it converges only where g lies in
+    # the range of F, and slowly; the direct routes give the minimum-norm answer instead.
+    return f.damped is True
+
+
+#: The routes ``auto`` chooses from, in order of preference on ties.
+CANDIDATES = (
+    Candidate(
+        "cholesky", lambda f: f.dense_ok and f.damped is True, lambda f: _dense(f, RATE_CHOL)
+    ),
+    Candidate("pinv", lambda f: f.dense_ok, lambda f: _dense(f, RATE_EIGH)),
+    Candidate("gram", lambda f: True, _gram),
+    Candidate("pcg", _iterative_ok, _pcg),
+    Candidate("cg", _iterative_ok, _cg),
+)
+
+
+def costs(facts: Facts, registered=None) -> dict:
+    """``{name: estimated seconds}`` of the applicable, registered candidates."""
+    if registered is None:
+        from natchain._solvers import SOLVERS as registered
+    return {c.name: c.cost(facts) for c in CANDIDATES if c.name in registered and c.applies(facts)}
+
+
+def choose(facts: Facts, registered=None) -> str:
+    """The name of the cheapest applicable route (see the module docstring)."""
+    estimates = costs(facts, registered)
+    return min(estimates, key=estimates.get)
+
+
+def _structured_params(problem) -> tuple[int, int, int]:
+    """``(parameters covered, Σa, Σb)`` by the Gram route's per-layer structure (trace time)."""
+    import jax
+
+    from natchain._gram import gram_sites
+
+    params = problem.params
+    try:
+        _, structure, kept, _ = gram_sites(problem.model, params, problem.x, problem.batch_size)
+    except Exception:  # noqa: BLE001 - no structure found: the Gram route materialises J
+        return 0, 0, 0
+    leaves = jax.tree_util.tree_leaves(params)
+    covered = {i for k in kept for i in structure.sites[k].leaves}
+    widths_in = sum(math.prod(leaves[i].shape[:-1]) for i in covered if leaves[i].ndim >= 2)
+    widths_out = sum(
+        leaves[i].shape[-1] if leaves[i].ndim >= 2 else leaves[i].size for i in covered
+    )
+    return int(sum(leaves[i].size for i in covered)), int(widths_in), int(widths_out)
+
+
+def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
+    """The :class:`Facts` of a :class:`natchain._problem.Problem`."""
+    n, m, r = problem.factor.shape
+    p = problem.num_params
+    structured, gram_in, gram_out = _structured_params(problem)
+    return Facts(
+        n=n,
+        m=m,
+        r=r,
+        p=p,
+        bits=jnp.finfo(problem.flat.dtype).bits,
+        damped=problem.damped,
+        kind=problem.kind,
+        structured=structured,
+        gram_in=gram_in,
+        gram_out=gram_out,
+        dense_ok=max_params is None or p <= max_params,
+    )
+
+
+class Auto(AbstractSolver):
+    """The cheapest exact route for the problem's sizes, chosen at trace time.
+
+    Chooses among ``"cholesky"``, ``"pinv"``, ``"gram"``, ``"cg"`` (and ``"pcg"`` when it is
+    registered) by the cost model of :mod:`natchain._solvers.auto`, runs it with its
+    defaults and reports the choice as ``stats["route"]`` (an index into :data:`ROUTES`,
+    listed in docs/statistics.md). The residual test is that of every solver.
+
+    Args:
+        max_params: the dense routes are considered only for ``P ≤ max_params``
+            (``None``: always).
+        tol, check_float64: the residual test, see :class:`AbstractSolver`.
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        max_params: int | None = DEFAULT_MAX_PARAMS,
+        tol: float | None = None,
+        check_float64: bool = False,
+    ):
+        super().__init__(tol, check_float64)
+        if max_params is not None and not (isinstance(max_params, int) and max_params >= 1):
+            raise ValueError(f"max_params must be a positive integer or None; got {max_params!r}.")
+        self.max_params = max_params
+
+    def route(self, problem) -> str:
+        """The name of the route chosen for ``problem``."""
+        return choose(facts_of(problem, self.max_params))
+
+    def compute(self, problem, damping):
+        from natchain._solvers import SOLVERS
+
+        name = self.route(problem)
+        options = {"tol": self.tol, "check_float64": self.check_float64}
+        if name in ("pinv", "cholesky"):
+            options["max_params"] = self.max_params
+        flat, stats = SOLVERS[name](**options).compute(problem, damping)
+        return flat, dict(stats, route=jnp.asarray(ROUTES.index(name), jnp.int32))
