@@ -49,7 +49,10 @@ def test_auto_candidates_are_registered_names_and_pcg_is_one_entry():
     big = _facts(2048, 100_000)
     assert "pcg" not in costs(big, SOLVERS) or "pcg" in SOLVERS
     assert "pcg" in costs(big, WITH_PCG)
-    assert choose(big, WITH_PCG) == "pcg"  # fewer steps at a preconditioner's small cost
+    # Costed at its measured step counts (more than plain CG on low-rank Fishers), pcg loses
+    # to cg wherever both apply; it competes, it is not preferred.
+    assert costs(big, WITH_PCG)["pcg"] > costs(big, WITH_PCG)["cg"]
+    assert choose(big, WITH_PCG) == "cg"
     assert choose(_facts(8, 100_000), WITH_PCG) == "gram"
 
 
