@@ -238,7 +238,6 @@ def _wide_pairs(k, augmented, wm, n, tol, n_min):
     eye = jnp.eye(rows, dtype=k.dtype)
     top = jnp.sqrt(jnp.sum(k * k)) + jnp.max(sigma)
     shift = jnp.min(sigma) - _floor(tol, n.dtype) * top
-    certified = jnp.all(jnp.isfinite(jnp.linalg.cholesky(k + shift * eye)))
 
     def accurate():
         lam, p = _left_factor(augmented())
@@ -246,14 +245,18 @@ def _wide_pairs(k, augmented, wm, n, tol, n_min):
         return _pairs_solve(lam, p, sig, vv, n, tol, n_min)[0], lam, sig
 
     if m <= _SHIFTED_MAX:
+        # the certificate and the m shifted systems in one batched factorisation
+        shifts = jnp.concatenate([sigma, shift[None]])
+        chols = jnp.linalg.cholesky(k[None] + shifts[:, None, None] * eye)
+        certified = jnp.all(jnp.isfinite(chols[m]))
 
         def fast():
             nt = (n @ v).T[..., None]  # (m, N, 1)
-            mats = k[None] + sigma[:, None, None] * eye
-            ut = jsl.cho_solve((jnp.linalg.cholesky(mats), True), nt)[..., 0]
+            ut = jsl.cho_solve((chols[:m], True), nt)[..., 0]
             return ut.T @ v.T, jnp.zeros((rows,), k.dtype), sigma
 
     else:
+        certified = jnp.all(jnp.isfinite(jnp.linalg.cholesky(k + shift * eye)))
 
         def fast():
             lam, p = jnp.linalg.eigh(k)
@@ -291,10 +294,12 @@ def _wide_data(k, augmented, n, m, tol, n_min):
     """
     eye = jnp.eye(k.shape[0], dtype=k.dtype)
     frob = jnp.sqrt(jnp.sum(k * k))
-    certified = jnp.all(jnp.isfinite(jnp.linalg.cholesky(k - (_floor(tol, n.dtype) * frob) * eye)))
+    # the certificate and the factor of K in one batched factorisation
+    chols = jnp.linalg.cholesky(jnp.stack([k - (_floor(tol, n.dtype) * frob) * eye, k]))
+    certified = jnp.all(jnp.isfinite(chols[0]))
 
     def fast():
-        return jsl.cho_solve((jnp.linalg.cholesky(k), True), n), jnp.zeros(k.shape[:1], k.dtype)
+        return jsl.cho_solve((chols[1], True), n), jnp.zeros(k.shape[:1], k.dtype)
 
     def accurate():
         lam, p = _left_factor(augmented())
