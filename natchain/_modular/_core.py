@@ -14,7 +14,9 @@ Structured pseudo-inverses shared by the rules:
   elementwise map): ``J⁺ n = (Jᵀ n) / diag(Jᵀ J)``;
 - :func:`orthogonal_rule` — ``J`` a permutation (reshape, transpose): ``J⁺ = Jᵀ``;
 - :func:`sylvester_pinv` — products ``Y = A B`` w.r.t. ``(A, B)``, whose ``J Jᵀ`` is the
-  Kronecker sum ``I ⊗ BᵀB + AAᵀ ⊗ I`` (dense layers, ``dot_general``);
+  Kronecker sum ``I ⊗ BᵀB + AAᵀ ⊗ I`` (``dot_general`` at primitive granularity; the dense
+  layer's rule, :func:`natchain._modular._layers.dense_rule`, factorises ``[H 1]`` and ``W``
+  instead, for the generic rule's cut-off);
 - :func:`generic_rule` — any map: the materialised local Jacobian and its SVD.
 """
 
