@@ -55,7 +55,7 @@ SETTINGS = {
         "validation": 0.1,
         "family": "categorical",
         "batch": 100,
-        "steps": {"first_order": 6000, "kfac": 6000, "cg": 300, "gram": 60, "modular": 40},
+        "steps": {"first_order": 6000, "kfac": 6000, "cg": 300, "gram": 300, "modular": 300},
         "eval_every": 1000,
     },
     # The MNIST-1D authors' CNN (three strided convolutions of 25 channels, ReLU).
@@ -68,7 +68,7 @@ SETTINGS = {
         "batch": 100,
         # A modular step of this CNN costs seconds on two CPU cores (its convolutions' local
         # pseudo-inverses): four steps show its cost and direction, not its convergence.
-        "steps": {"first_order": 6000, "kfac": 1000, "cg": 40, "gram": 15, "modular": 4},
+        "steps": {"first_order": 6000, "kfac": 1000, "cg": 40, "gram": 40, "modular": 4},
         "eval_every": 1000,
     },
 }
