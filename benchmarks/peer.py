@@ -361,6 +361,7 @@ ROUTES = [
     Route("natchain exact, gram", "natchain", natchain_route(solver="gram")),
     Route("natchain exact, cg (defaults)", "natchain", natchain_route(solver="cg")),
     Route("natchain exact, pcg", "natchain", natchain_route(solver="pcg")),
+    Route("natchain exact, auto", "natchain", natchain_route(solver="auto")),
     Route("natchain exact, cholesky", "natchain", natchain_route(solver="cholesky"), "dense"),
     Route("natchain exact, pinv", "natchain", natchain_route(solver="pinv"), "dense"),
     Route("natchain modular, layer", "natchain", natchain_route(method="modular")),
