@@ -13,7 +13,9 @@ averaged over the sweep seeds; a run that diverged or went degenerate on any see
 compete. The sweep is coordinate-wise (two stages): first the learning rate with the second
 hyperparameter at its default, then the second hyperparameter (damping; for the modular
 rule the pair of activation and dense cut-offs) at that learning rate — the default is in
-both stages, so stage 2 can only improve on stage 1.
+both stages, so stage 2 can only improve on stage 1. Where no learning rate finishes at the
+default (the modular rule at its default cut-off on some settings), stage 2 is the joint grid
+of learning rate × second hyperparameter.
 """
 
 from __future__ import annotations

@@ -753,17 +753,31 @@ def run_sweep(level="full", root=None, fresh=False, verbose=True):
                 and len(lrs) > 1
             ):
                 edges.append("learning_rate")
-            # Stage 2: the second hyperparameter at the chosen learning rate.
+            # Stage 2: the second hyperparameter at the chosen learning rate. When no
+            # learning rate finished at the default second hyperparameter (the modular rule
+            # at its default cut-off diverges on some settings), stage 2 is the joint grid:
+            # every second value at every learning rate.
             second = _second(method)
-            if second is not None and best_hp is not None:
+            joint = second is not None and best_hp is None
+            if second is not None:
                 values = _grid(method, second, level)
                 if base[second] not in values:
                     values = (*values, base[second])
-                for v in values:
-                    hp = dict(best_hp, **{second: v})
-                    s = evaluate(hp)
-                    if better(s, best):
-                        best_hp, best = hp, s
+                starts = [dict(base, learning_rate=lr) for lr in lrs] if joint else [best_hp]
+                for start in starts:
+                    for v in values:
+                        hp = dict(start, **{second: v})
+                        s = evaluate(hp)
+                        if better(s, best):
+                            best_hp, best = hp, s
+                if (
+                    joint
+                    and best_hp is not None
+                    and best_hp["learning_rate"] in (lrs[0], lrs[-1])
+                    and len(lrs) > 1
+                ):
+                    edges.append("learning_rate")
+            if second is not None and best_hp is not None:
                 if (
                     second == "damping"
                     and len(values) > 1
@@ -781,6 +795,7 @@ def run_sweep(level="full", root=None, fresh=False, verbose=True):
                 "score": best,
                 "metric": metric,
                 "edges": edges,
+                "joint": joint,
                 "steps": steps,
                 "tried": list(tried.values()),
             }
