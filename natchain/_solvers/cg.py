@@ -46,7 +46,17 @@ def conjugate_gradient(matvec, rhs, *, tol, maxiter, precondition=None):
     thresh = tol * nb
     dtype = jax.tree_util.tree_leaves(rhs)[0].dtype
     tiny = jnp.finfo(dtype).tiny
-    apply_p = (lambda r: r) if precondition is None else precondition
+    if precondition is None:
+        apply_p = lambda r: r
+    else:
+        # The preconditioner may compute in a wider dtype (its factors, a float64 damping
+        # under x64): the iterates keep the right-hand side's leaf dtypes.
+        def apply_p(r):
+            return jax.tree_util.tree_map(lambda z, ri: z.astype(ri.dtype), precondition(r), r)
+
+    def like(tree):
+        """``tree`` in the right-hand side's leaf dtypes (a product may widen a leaf)."""
+        return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), tree, rhs)
 
     def cond(state):
         *_, rr, k = state
@@ -54,7 +64,7 @@ def conjugate_gradient(matvec, rhs, *, tol, maxiter, precondition=None):
 
     def body(state):
         x, r, p, rz, _, k = state
-        ap = matvec(p)
+        ap = like(matvec(p))
         alpha = rz / jnp.maximum(_vdot(p, ap), tiny)
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
@@ -62,7 +72,8 @@ def conjugate_gradient(matvec, rhs, *, tol, maxiter, precondition=None):
         rr_new = _vdot(r, r)
         rz_new = rr_new if precondition is None else _vdot(r, z)
         p = _axpy(rz_new / jnp.maximum(rz, tiny), p, z)
-        return x, r, p, rz_new, rr_new, k + 1
+        rz_new, rr_new = (jnp.asarray(v, rz.dtype) for v in (rz_new, rr_new))
+        return like(x), like(r), like(p), rz_new, rr_new, k + 1
 
     x0 = jax.tree_util.tree_map(jnp.zeros_like, rhs)
     z0 = apply_p(rhs)
