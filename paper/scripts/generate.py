@@ -387,6 +387,32 @@ def training_numbers_v2(level, summary, runs) -> dict:
     return nums
 
 
+def training_sweep_numbers(results: Path) -> dict:
+    """The sweep's validation score of each chosen configuration (``chosen.json``).
+
+    Accuracy in %, MSE as is; ``n/a`` where nothing finished. Also the number of sweep
+    runs and how many of them diverged or went degenerate.
+    """
+    path = results / "training" / "chosen.json"
+    nums = {}
+    if not path.exists():
+        return nums
+    chosen = json.loads(path.read_text())
+    names = {s: s for s in NEW_SETTINGS} | SETTING_ALIASES
+    for label, setting in names.items():
+        for method, entry in (chosen["settings"].get(setting) or {}).items():
+            score = entry.get("score")
+            scale = 100.0 if entry.get("metric") == "val_accuracy" else 1.0
+            key = macro_name("training", "sweep", label, method)
+            nums[key] = fmt(score * scale) if score is not None else "n/a"
+    sweep_runs = _read_jsonl(results / "training" / "sweep.runs.jsonl")
+    nums[macro_name("training", "sweep", "runs")] = str(len(sweep_runs))
+    nums[macro_name("training", "sweep", "failed")] = str(
+        sum(1 for r in sweep_runs if r.get("status") != "ok")
+    )
+    return nums
+
+
 # ---- empirical vs true Fisher ----------------------------------------------------------------
 
 
@@ -935,6 +961,7 @@ def generate(results: Path, out: Path) -> list[Path]:
         tsum = training_summary_v2(rows, runs)
         write("training_table.tex", header + training_table_v2(tsum))
         nums = training_numbers_v2(level, tsum, runs)
+        nums.update(training_sweep_numbers(results))
     else:  # results of the earlier protocol (chosen on training loss): as they were
         tsum = training_summary(rows, runs)
         write("training_table.tex", header + training_table(tsum))
