@@ -137,6 +137,22 @@ def _closed(body):
     return jex_core.ClosedJaxpr(body[0], body[1])
 
 
+def tap_cotangents(problem, leaves, closed, sites, us):
+    """Run the model once, recording each site's input, and pull every ``u`` in ``us``
+    (``(k, N, m)``) back to the sites' outputs: ``(recorded, {tap_key: (k, *out_shape)})``."""
+    x_leaves = jax.tree_util.tree_leaves(problem.x)
+    dtype = problem.eta.dtype
+    taps0 = {s.tap_key: jnp.zeros(s.out_shape, dtype) for s in sites.values()}
+
+    def f_taps(taps):
+        record = {}
+        (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
+        return eta, record
+
+    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
+    return recorded, jax.vmap(lambda u: vjp_fn(u.astype(dtype))[0])(us)
+
+
 def site_blocks(problem):
     """Each kept site's ``(N·r, N·r)`` block of ``C``: ``{key: (site, block)}``."""
     ms = problem.factor
@@ -145,16 +161,7 @@ def site_blocks(problem):
     closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
     sites = {k: structure.sites[k] for k in kept}
     leaves = jax.tree_util.tree_leaves(params)
-    x_leaves = jax.tree_util.tree_leaves(problem.x)
-    taps0 = {s.tap_key: jnp.zeros(s.out_shape, problem.eta.dtype) for s in sites.values()}
-
-    def f_taps(taps):
-        record = {}
-        (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
-        return eta, record
-
-    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
-    ds = jax.vmap(lambda c: vjp_fn(c)[0])(jnp.moveaxis(ms, 2, 0))
+    recorded, ds = tap_cotangents(problem, leaves, closed, sites, jnp.moveaxis(ms, 2, 0))
     blocks = {}
     for key, site in sites.items():
         in_axes, out_axis = kept[key]

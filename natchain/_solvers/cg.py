@@ -110,16 +110,24 @@ class CG(AbstractSolver):
     def compute(self, problem, damping):
         maxiter = 2 * problem.num_params if self.maxiter is None else self.maxiter
         tol = default_tol(problem.flat.dtype) if self.tol is None else self.tol
-        # Linearise once: each CG step then costs one JVP and one VJP of the stored linear map.
-        params = problem.params
-        _, jvp = jax.linearize(problem.f_tree, params)
-        vjp = jax.linear_transpose(jvp, params)
-
-        def matvec(v):
-            return _axpy(damping, v, vjp(problem.apply_fblk(jvp(v)))[0])
-
-        g = vjp(problem.cotangent)[0]
-        # Stop a little below ``tol``: the recursive residual drifts from the true one, and
-        # success is decided by the true residual, recomputed once afterwards.
-        x, k = conjugate_gradient(matvec, g, tol=0.5 * tol, maxiter=maxiter)
+        x, k = solve_damped(problem, damping, tol=tol, maxiter=maxiter)
         return problem.ravel(x), {"num_steps": k, "hit_cap": k >= maxiter}
+
+
+def solve_damped(problem, damping, *, tol, maxiter, precondition=None):
+    """CG (plain or preconditioned) on ``(F_theta + λI) n = g`` for ``problem``.
+
+    Linearises once: each step then costs one JVP and one VJP of the stored linear map.
+    Stops a little below ``tol`` (the recursive residual drifts from the true one, and
+    success is decided by the true residual, recomputed once afterwards). Returns
+    ``(x, num_steps)`` with ``x`` a pytree shaped like the parameters.
+    """
+    params = problem.params
+    _, jvp = jax.linearize(problem.f_tree, params)
+    vjp = jax.linear_transpose(jvp, params)
+
+    def matvec(v):
+        return _axpy(damping, v, vjp(problem.apply_fblk(jvp(v)))[0])
+
+    g = vjp(problem.cotangent)[0]
+    return conjugate_gradient(matvec, g, tol=0.5 * tol, maxiter=maxiter, precondition=precondition)

@@ -44,7 +44,7 @@ import numpy as np
 
 from natchain._checks import check_choice
 from natchain._solvers._base import AbstractSolver
-from natchain._solvers.cg import _axpy, conjugate_gradient
+from natchain._solvers.cg import solve_damped
 from natchain._status import default_tol
 
 PRECONDITIONERS = ("kronecker", "diagonal")
@@ -156,23 +156,6 @@ def _probes(problem, samples, seed):
     n, _, r = ms.shape
     xi = jax.random.rademacher(jax.random.PRNGKey(seed), (samples, n, r), ms.dtype)
     return jnp.einsum("nmr,snr->snm", ms, xi) / math.sqrt(samples)
-
-
-def _tap_cotangents(problem, leaves, closed, sites, us):
-    """Each dense site's recorded input, and its output cotangents for every probe."""
-    from natchain._gram import _run
-
-    x_leaves = jax.tree_util.tree_leaves(problem.x)
-    taps0 = {s.tap_key: jnp.zeros(s.out_shape, problem.eta.dtype) for s in sites.values()}
-
-    def f_taps(taps):
-        record = {}
-        (eta,) = _run(closed.jaxpr, closed.consts, [*leaves, *x_leaves], sites, taps, record)
-        return eta, record
-
-    _, vjp_fn, recorded = jax.vjp(f_taps, taps0, has_aux=True)
-    cots = jax.vmap(lambda u: vjp_fn(u.astype(problem.eta.dtype))[0])(us)
-    return recorded, cots
 
 
 def _rest_diagonals(problem, leaves, treedef, rest, us):
@@ -298,7 +281,9 @@ class PCG(AbstractSolver):
         us = _probes(problem, self.samples, self.seed)
         kron = []
         if blocks:
-            recorded, cots = _tap_cotangents(problem, leaves, closed, sites, us)
+            from natchain._gram import tap_cotangents
+
+            recorded, cots = tap_cotangents(problem, leaves, closed, sites, us)
             for b in blocks:
                 (h,) = recorded[b.site.key]
                 hm = b.input_rows(h.astype(problem.eta.dtype))
@@ -393,20 +378,7 @@ class PCG(AbstractSolver):
         precondition = self._preconditioner(
             prepared, blocks, rest, treedef, len(leaves), damping, problem.flat.dtype
         )
-        # Linearise once: each step then costs one JVP and one VJP of the stored linear map.
-        params = problem.params
-        _, jvp = jax.linearize(problem.f_tree, params)
-        vjp = jax.linear_transpose(jvp, params)
-
-        def matvec(v):
-            return _axpy(damping, v, vjp(problem.apply_fblk(jvp(v)))[0])
-
-        g = vjp(problem.cotangent)[0]
-        # Stop a little below ``tol``: the recursive residual drifts from the true one, and
-        # success is decided by the true residual, recomputed once afterwards.
-        x, k = conjugate_gradient(
-            matvec, g, tol=0.5 * tol, maxiter=maxiter, precondition=precondition
-        )
+        x, k = solve_damped(problem, damping, tol=tol, maxiter=maxiter, precondition=precondition)
         n_kron = sum(int(np.size(leaves[i])) for b in blocks for i in b.site.leaves)
         return problem.ravel(x), {
             "num_steps": k,
