@@ -157,7 +157,7 @@ def site_blocks(problem):
     """Each kept site's ``(N·r, N·r)`` block of ``C``: ``{key: (site, block)}``."""
     ms = problem.factor
     n, m, r = ms.shape
-    params = problem.unravel(problem.flat)
+    params = problem.params
     closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
     sites = {k: structure.sites[k] for k in kept}
     leaves = jax.tree_util.tree_leaves(params)
@@ -191,7 +191,7 @@ def factor_gram(problem, structured="auto"):
         b = problem.factor_jacobian()
         return b @ b.T, {"structured_params": jnp.asarray(0)}
     blocks = site_blocks(problem)
-    leaves, treedef = jax.tree_util.tree_flatten(problem.unravel(problem.flat))
+    leaves, treedef = jax.tree_util.tree_flatten(problem.params)
     cmat = jnp.zeros((n * r, n * r), problem.eta.dtype)
     for _, block in blocks.values():
         cmat = cmat + block

@@ -201,9 +201,9 @@ def natural_gradient_prepared(
 def _solve(model, family, solver, kind, num_samples, damped, params, x, y, damping, key):
     """The traced part of :func:`natural_gradient` (compiled once per model and configuration)."""
     prob = _problem(model, family, kind, num_samples, damped, params, x, y, key)
-    flat_sol, stats = solver.solve(prob, damping)
+    sol, stats = solver.solve(prob, damping)
     finite = jnp.all(jnp.isfinite(prob.eta))
-    return prob.unravel(flat_sol), prob.gradient_tree(), stats, finite
+    return sol, prob.gradient_tree(), stats, finite
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -215,9 +215,9 @@ def _solve_prepared(
         prepared = solver.prepare(prob, damping)
     else:
         prepared = jax.lax.cond(refresh, lambda: solver.prepare(prob, damping), lambda: prepared)
-    flat_sol, stats = solver.solve(prob, damping, prepared=prepared)
+    sol, stats = solver.solve(prob, damping, prepared=prepared)
     finite = jnp.all(jnp.isfinite(prob.eta))
-    return prob.unravel(flat_sol), prob.gradient_tree(), stats, finite, prepared
+    return sol, prob.gradient_tree(), stats, finite, prepared
 
 
 def _problem(model, family, kind, num_samples, damped, params, x, y, key):

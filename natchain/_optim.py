@@ -60,11 +60,11 @@ from natchain._natural_gradient import (
     natural_gradient_prepared,
 )
 from natchain._problem import KINDS, check_family, output_factor
-from natchain._status import stats_template
+from natchain._status import RESULTS, stats_template
 
 METHODS = ("exact", "modular")
 #: Statistics levels of ``scale_by_natural_gradient(stats=...)``.
-STATS_LEVELS = ("basic", "full")
+STATS_LEVELS = ("minimal", "basic", "full")
 
 
 class NaturalGradientState(NamedTuple):
@@ -219,15 +219,20 @@ def scale_by_natural_gradient(
             ``init``, for a solver with ``prepare`` the shape of ``state.prepared``, so
             the state keeps one structure from the start (needed under ``lax.scan``);
             without it they appear from the first update.
-        stats: ``"basic"`` (default) or ``"full"``. Both record the solver's statistics
-            (its residual test included), the norms and the guard. ``"full"`` adds what
-            costs extra model evaluations: ``info["kl"]`` (one JVP; always computed when
-            ``max_kl`` is set) and ``info["grad_cosine"]`` (the incoming updates against
-            the loss gradient; for ``method="modular"`` one more gradient). With
-            ``"basic"`` those read ``nan``, and for ``method="exact"`` ``grad_norm`` is
-            the norm of the loss gradient the solve computed: the incoming updates are
-            not read at all, so the caller's own gradient costs nothing under ``jit``
-            (docs/statistics.md).
+        stats: ``"minimal"``, ``"basic"`` (default) or ``"full"``. ``"basic"`` records
+            the solver's statistics (its residual test included), the norms and the
+            guard. ``"full"`` adds what costs extra model evaluations: ``info["kl"]``
+            (one JVP; always computed when ``max_kl`` is set) and ``info["grad_cosine"]``
+            (the incoming updates against the loss gradient; for ``method="modular"``
+            one more gradient). With ``"basic"`` those read ``nan``, and for
+            ``method="exact"`` ``grad_norm`` is the norm of the loss gradient the solve
+            computed: the incoming updates are not read at all, so the caller's own
+            gradient costs nothing under ``jit``. ``"minimal"`` is ``"basic"`` for
+            ``method="exact"`` (an exact solve always runs its residual test); for
+            ``method="modular"`` the chain rule runs without statistics: no per-map
+            records, no residual test (``info["result"]`` is ``not_checked``,
+            ``converged`` false) and ``grad_norm`` ``nan``, so the incoming updates are
+            not read either (docs/statistics.md).
         refresh_every: for a solver with a ``prepare`` method (something reusable across
             steps, such as a preconditioner), recompute it every ``refresh_every`` steps
             and keep it in ``state.prepared`` in between; ignored by other solvers.
@@ -272,12 +277,18 @@ def scale_by_natural_gradient(
     if method == "modular":
         if callable(damping) or float(damping) != 0.0:
             raise ValueError("damping applies to method='exact' only.")
-        options = dict(options, kind=kind, num_samples=num_samples, return_stats=True)
+        checked = stats != "minimal"
+        options = dict(options, kind=kind, num_samples=num_samples, return_stats=checked)
         modular = _resolve_modular(model, family, granularity, options)
+        unchecked = {
+            "result": jnp.asarray(RESULTS.not_checked, jnp.int32),
+            "converged": jnp.asarray(False),
+        }
 
         def direction(params, x, y, key, count, prepared):
             del count
-            nat, st = modular(params, x, y, key=key)
+            out = modular(params, x, y, key=key)
+            nat, st = out if checked else (out, unchecked)
             if not full:
                 return nat, st, None, prepared
             loss = lambda p: jnp.mean(jax.vmap(family.nll)(model(p, x), y))
@@ -374,16 +385,19 @@ def scale_by_natural_gradient(
             kl = kl * scale * scale
             leaf_sq = [q * scale * scale for q in leaf_sq]
             sq = sq * scale * scale
-        # The incoming updates are read only with stats="full" or where the solve gave no
-        # gradient (modular): otherwise the caller's own gradient is dead code for XLA.
+        # The incoming updates are read only with stats="full", or with "basic" where the
+        # solve gave no gradient (modular): otherwise the caller's own gradient is dead
+        # code for XLA. With "minimal" and no gradient from the solve, grad_norm is nan.
         incoming = updates if (full or grad is None) else grad
+        read = full or grad is not None or stats == "basic"
+        grad_norm = _tree_norm(incoming).astype(dtype) if read else nan
         cosine = _cosine(updates, grad).astype(dtype) if full else nan
         info = _empty_info(params, dtype, {})
         skipped = jnp.logical_not(finite) if guard else jnp.asarray(False)
         info.update(
             kl=kl.astype(dtype),
             scale=scale,
-            grad_norm=_tree_norm(incoming).astype(dtype),
+            grad_norm=grad_norm,
             step_norm=jnp.sqrt(sq).astype(dtype),
             grad_cosine=cosine,
             finite=finite,

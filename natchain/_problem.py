@@ -171,6 +171,10 @@ class Problem:
         """``F_theta v`` (flat), matrix-free: JVP, ``F_blk``, VJP."""
         return self.vjp(self.apply_fblk(self.jvp(v)))
 
+    def fvp_tree(self, v):
+        """``F_theta v`` for ``v`` a pytree shaped like the parameters (same shape back)."""
+        return self.vjp_tree(self.apply_fblk(self.jvp_tree(v)))
+
     def factor_jacobian(self, jac=None):
         """``B = Mᵀ J`` of shape ``(N·r, P)``, so that ``F_theta = Bᵀ B``."""
         jac = self.jacobian() if jac is None else jac
@@ -187,8 +191,9 @@ class Problem:
             raise ValueError("this problem was built without targets `y`: no gradient.")
         return self.vjp_tree(self.cotangent)
 
-    def residual_float64(self, flat_n, damping):
-        """``‖(F + λI) n − g‖ / ‖g‖`` recomputed from scratch in float64.
+    def residual_float64(self, sol, damping):
+        """``‖(F + λI) n − g‖ / ‖g‖`` for ``n = sol`` (a pytree shaped like the
+        parameters), recomputed from scratch in float64.
 
         Parameters, inputs and the solution are widened, the outputs, Fisher factor and
         gradient rebuilt (Monte-Carlo samples reused): an independent check of the
@@ -216,7 +221,7 @@ class Problem:
         ms = ms / jnp.sqrt(jnp.asarray(n, eta.dtype))
         cot = jax.vmap(jax.grad(self.family.nll))(eta, self.y) / n
         g = vjp(cot)[0]
-        v = flat_n.astype(jnp.float64)
+        v = ravel_pytree(sol)[0].astype(jnp.float64)
         fv = vjp(jnp.einsum("nmr,nr->nm", ms, jnp.einsum("nmr,nm->nr", ms, jvp(v))))[0]
         r = fv + jnp.asarray(damping, jnp.float64) * v - g
         nb = jnp.linalg.norm(g)

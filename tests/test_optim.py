@@ -540,6 +540,37 @@ def test_basic_statistics_skip_extra_evaluations_and_full_fills_them():
         nc.scale_by_natural_gradient(model, fam, refresh_every=0)
 
 
+def test_minimal_statistics_modular_step_unchanged_and_unchecked():
+    """``stats="minimal"``, modular: the same step as ``"basic"`` (same chain rule, run
+    without its statistics), but nothing claimed: ``not_checked``, ``converged`` false,
+    ``grad_norm`` and ``residual`` ``nan``, no per-map records, the incoming updates unread.
+    For ``method="exact"`` it is ``"basic"``: the residual test still runs and passes.
+    Float64; ``rtol=1e-10`` between two compiled programs of the same rule (round-off).
+    """
+    model, params, x, y = _classification(seed=4)
+    fam = nc.Categorical()
+    grads = jax.grad(lambda p: _loss(model, fam, p, x, y))(params)
+    basic = nc.scale_by_natural_gradient(model, fam, method="modular")
+    minimal = nc.scale_by_natural_gradient(model, fam, method="modular", stats="minimal")
+    u_b, s_b = _update(basic, grads, basic.init(params), params, x=x, y=y)
+    u_m, s_m = _update(minimal, grads, minimal.init(params), params, x=x, y=y)
+    np.testing.assert_allclose(_flat(u_m), _flat(u_b), rtol=1e-10)
+    # "basic" measures the modular step (here it is not a natural gradient: the test says so)
+    assert np.isfinite(float(s_b.info["residual"])) and s_b.info["maps"]
+    assert int(s_b.info["result"]) != nc.RESULTS.not_checked
+    assert int(s_m.info["result"]) == nc.RESULTS.not_checked
+    assert not bool(s_m.info["converged"]) and s_m.info["maps"] == {}
+    assert np.isnan(float(s_m.info["grad_norm"])) and np.isnan(float(s_m.info["residual"]))
+    junk = jax.tree_util.tree_map(lambda g: jnp.full_like(g, jnp.nan), grads)
+    u_j, s_j = _update(minimal, junk, minimal.init(params), params, x=x, y=y)
+    np.testing.assert_array_equal(_flat(u_j), _flat(u_m))
+    assert not bool(s_j.info["skipped"])
+    exact = nc.scale_by_natural_gradient(model, fam, solver="gram", damping=1e-3, stats="minimal")
+    _, s_e = _update(exact, grads, exact.init(params), params, x=x, y=y)
+    assert int(s_e.info["result"]) == nc.RESULTS.successful
+    assert float(s_e.info["residual"]) <= float(s_e.info["tol"])
+
+
 class _StampedCG(nc.CG):
     """A CG whose ``prepare`` stamps the parameters' sum; ``solve`` reports what it got."""
 
@@ -547,8 +578,8 @@ class _StampedCG(nc.CG):
         return jnp.sum(problem.flat)
 
     def solve(self, problem, damping, prepared=None):
-        flat, stats = super().solve(problem, damping)
-        return flat, dict(stats, condition=prepared)
+        n, stats = super().solve(problem, damping)
+        return n, dict(stats, condition=prepared)
 
 
 def test_refresh_every_keeps_prepared_between_refreshes():

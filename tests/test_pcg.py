@@ -173,7 +173,7 @@ def _solve_jit(solver, model, family, damping):
         prepared = solver.prepare(stale, damping)
         fresh_n, fresh = solver.solve(prob, damping)
         n, st = solver.solve(prob, damping, prepared=prepared)
-        return prob.unravel(n), st, prob.unravel(fresh_n), fresh, prepared
+        return n, st, fresh_n, fresh, prepared
 
     return solve
 

@@ -207,8 +207,7 @@ def _modular_grad(
         prob = build_problem(
             model, params, x, family, y=y, kind=kind, key=key, num_samples=num_samples
         )
-        flat_m = prob.ravel(nat_tree)
-        shared = finish(prob, 0.0, flat_m, None, {"num_cut": stats["num_cut"]})
+        shared = finish(prob, 0.0, nat_tree, None, {"num_cut": stats["num_cut"]})
         stats = {**shared, **stats}
     else:
         stats = None

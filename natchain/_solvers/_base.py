@@ -18,9 +18,10 @@ class AbstractSolver(abc.ABC):
     Subclasses are small and configured at construction (bad configuration is refused
     there, naming the argument). They implement :meth:`compute`; :meth:`solve` then checks
     the answer on the original system by one Fisher-vector product and returns
-    ``(flat_solution, stats)`` with the statistics of :data:`natchain.STAT_KEYS`:
-    value-dependent trouble — rank deficiency, a cut-off, CG not converging, a residual
-    above ``tol`` — is reported in ``stats["result"]``, never raised from inside a trace.
+    ``(solution, stats)``: the solution a pytree shaped like the parameters, the
+    statistics those of :data:`natchain.STAT_KEYS`. Value-dependent trouble — rank
+    deficiency, a cut-off, CG not converging, a residual above ``tol`` — is reported in
+    ``stats["result"]``, never raised from inside a trace.
 
     Args (shared by every solver):
         tol: the residual test ``‖(F + λI) n − g‖ ≤ tol · ‖g‖`` that decides success
@@ -41,7 +42,8 @@ class AbstractSolver(abc.ABC):
 
     @abc.abstractmethod
     def compute(self, problem, damping) -> tuple[jnp.ndarray, dict]:
-        """Return the flat natural gradient and what the solver measured.
+        """Return the natural gradient (a pytree shaped like the parameters) and what the
+        solver measured.
 
         The measured statistics may include any of ``rank``, ``num_cut``, ``cutoff``,
         ``condition``, ``num_steps``, ``size``, ``hit_cap`` (an iterative solver stopped
@@ -73,26 +75,26 @@ class AbstractSolver(abc.ABC):
             ValueError: ``prepared`` given to a solver that prepares nothing.
         """
         if prepared is None:
-            flat, measured = self.compute(problem, damping)
+            n, measured = self.compute(problem, damping)
         elif type(self).prepare is AbstractSolver.prepare:
             raise ValueError(
                 f"prepared was given, but solver {self.name!r} prepares nothing "
                 "(its prepare() returns None); pass prepared=None."
             )
         else:
-            flat, measured = self.compute(problem, damping, prepared)
+            n, measured = self.compute(problem, damping, prepared)
         measured = dict(measured)
         hit_cap = measured.pop("hit_cap", False)
         stats = finish(
             problem,
             damping,
-            flat,
+            n,
             self.tol,
             measured,
             check_float64=self.check_float64,
             hit_cap=hit_cap,
         )
-        return flat, stats
+        return n, stats
 
     # Solvers are configuration: hashable by their settings, so they can be static
     # arguments of ``jax.jit``.

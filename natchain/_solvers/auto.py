@@ -231,5 +231,5 @@ class Auto(AbstractSolver):
         options = {"tol": self.tol, "check_float64": self.check_float64}
         if name in ("pinv", "cholesky"):
             options["max_params"] = self.max_params
-        flat, stats = SOLVERS[name](**options).compute(problem, damping)
-        return flat, dict(stats, route=jnp.asarray(ROUTES.index(name), jnp.int32))
+        n, stats = SOLVERS[name](**options).compute(problem, damping)
+        return n, dict(stats, route=jnp.asarray(ROUTES.index(name), jnp.int32))

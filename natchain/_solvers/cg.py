@@ -111,7 +111,7 @@ class CG(AbstractSolver):
         maxiter = 2 * problem.num_params if self.maxiter is None else self.maxiter
         tol = default_tol(problem.flat.dtype) if self.tol is None else self.tol
         x, k = solve_damped(problem, damping, tol=tol, maxiter=maxiter)
-        return problem.ravel(x), {"num_steps": k, "hit_cap": k >= maxiter}
+        return x, {"num_steps": k, "hit_cap": k >= maxiter}
 
 
 def solve_damped(problem, damping, *, tol, maxiter, precondition=None):

@@ -41,4 +41,4 @@ class Cholesky(AbstractSolver):
         b = problem.factor_jacobian()
         mat = b.T @ b + damping * jnp.eye(p, dtype=b.dtype)
         sol = jsl.cho_solve(jsl.cho_factor(mat, lower=True), problem.gradient())
-        return sol, {"size": p}
+        return problem.unravel(sol), {"size": p}

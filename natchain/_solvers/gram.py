@@ -164,4 +164,4 @@ class Gram(AbstractSolver):
         for _ in range(self.refine):  # iterative refinement on the output-space residual
             ku = problem.ntk_vp(u)
             u = u + solve_u(b - problem.apply_fblk(ku) - damping * u)
-        return problem.vjp(u), stats
+        return problem.vjp_tree(u), stats

@@ -380,7 +380,7 @@ class PCG(AbstractSolver):
         )
         x, k = solve_damped(problem, damping, tol=tol, maxiter=maxiter, precondition=precondition)
         n_kron = sum(int(np.size(leaves[i])) for b in blocks for i in b.site.leaves)
-        return problem.ravel(x), {
+        return x, {
             "num_steps": k,
             "hit_cap": k >= maxiter,
             "kronecker_params": jnp.asarray(n_kron, jnp.int32),

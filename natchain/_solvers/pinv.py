@@ -41,4 +41,4 @@ class Pinv(AbstractSolver):
         check_dense_size(problem.num_params, self.max_params, self.name)
         b = problem.factor_jacobian()
         apply, stats = eigh_pinv(b.T @ b, damping, self.rcond)
-        return apply(problem.gradient()), stats
+        return problem.unravel(apply(problem.gradient())), stats
