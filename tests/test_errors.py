@@ -94,7 +94,7 @@ def test_status_options_are_refused_at_construction():
         nc.Pinv(tol=-1.0)
     with pytest.raises(ValueError, match="check_float64 must be True or False"):
         nc.Gram(check_float64="yes")
-    with pytest.raises(ValueError, match="refine must be a non-negative integer"):
+    with pytest.raises(ValueError, match="refine must be 'auto' or a non-negative integer"):
         nc.Gram(refine=-1)
     with pytest.raises(ValueError, match="rcond must lie in"):
         nc.Gram(rcond=2.0)

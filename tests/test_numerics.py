@@ -177,6 +177,29 @@ def test_confident_softmax_float64_matches_dense(solver, opts):
     assert bool(sol.stats["converged"])
 
 
+def test_gram_refines_only_where_the_residual_test_fails():
+    """``refine="auto"`` (default): no refinement where the first solve passes its residual
+    test (the answer is ``refine=0``'s), one step and a second test where it fails (here
+    forced by a ``tol`` below the first solve's residual: the answer is ``refine=1``'s).
+    float32 "confident" case, damped; relative error ``1e-5`` between programs doing the
+    same arithmetic (float32 round-off of differently fused sums only).
+    """
+    params, x, y, lam = numerics_case("confident", jnp.float32)
+
+    def run(**opts):
+        return nc.natural_gradient(MODEL, params, x, y, FAMILY, solver="gram", damping=lam, **opts)
+
+    plain = run(refine=0)
+    auto = run()
+    assert not bool(auto.stats["refined"]) and bool(auto.stats["converged"])
+    assert rel_err(auto.value, plain.value) <= 1e-5
+    tight = 0.5 * float(plain.stats["residual"])
+    forced, once = run(tol=tight), run(refine=1, tol=tight)
+    assert bool(forced.stats["refined"])
+    assert rel_err(forced.value, once.value) <= 1e-5
+    assert int(forced.stats["result"]) == int(once.stats["result"])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_undamped_confident_softmax_reports_failure(dtype):
     """Undamped with min p 1e-12/1e-30: no direction-cut answer solves ``F n = g`` — said so.

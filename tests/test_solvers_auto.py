@@ -56,6 +56,19 @@ def test_auto_candidates_are_registered_names_and_pcg_is_one_entry():
     assert choose(_facts(8, 100_000), WITH_PCG) == "gram"
 
 
+def test_auto_costs_convolutions_at_their_measured_rates():
+    """The MNIST-1D CNN's facts (P = 5210, forward 8.5e4 flops per example): costed as a
+    dense network, CG wins at N = 128; with its convolutions' pass rate and CG step count
+    (measured there: CG 1.2 s, Gram 0.19 s per step at N = 128), the Gram route does."""
+
+    def cnn(n, conv):
+        return _facts(n, 5210, gram_in=150, gram_out=85, conv=conv, flops=8.46e4 * n)
+
+    assert choose(cnn(128, conv=False)) == "cg"
+    assert choose(cnn(32, conv=True)) == "gram" and choose(cnn(128, conv=True)) == "gram"
+    assert costs(cnn(128, True))["cg"] > 10 * costs(cnn(128, False))["cg"]
+
+
 def test_auto_costs_grow_with_size():
     """Each route's estimate grows with N and with P (a sanity check of the formulas)."""
     for name in ("gram", "cg"):

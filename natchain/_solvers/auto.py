@@ -8,9 +8,11 @@ matrix is allowed (``P ≤ max_params``). Each candidate route has an estimated 
 seconds; the cheapest applicable one runs, and its code is reported as
 ``stats["route"]`` (an index into :data:`ROUTES`).
 
-Cost model (seconds; ``c = 2·N·P``, the flops of one forward pass of a dense network)::
+Cost model (seconds; ``c`` the flops of one forward pass over the batch, by XLA's cost
+analysis of the model, else ``2·N·P`` as for a dense network)::
 
     pass      = c / RATE_PASS + OVERHEAD_PASS        one JVP, VJP or forward pass
+                (c / RATE_PASS_CONV with convolutions)
     jac(p)    = min(N·m, p) · 2·N·p / RATE_PASS        Jacobian for p parameters
     dense     = jac(P) + 2·N·r·P² / RATE_MATMUL        J, then Bᵀ B
               + P³ / RATE_CHOL   (cholesky)  or  P³ / RATE_EIGH   (pinv)
@@ -18,11 +20,12 @@ Cost model (seconds; ``c = 2·N·P``, the flops of one forward pass of a dense n
               + 2·(N²·Σa + (N·r)²·Σb) / RATE_MATMUL    blocks X Xᵀ ∘ D̃ D̃ᵀ of the layers
               (+ jac and 2·(N·r)²·p for the p parameters the structure does not cover)
               + (N·r)³ / RATE_CHOL (damped) or (N·r)³ / RATE_EIGH (undamped)
-              + 6·pass                                 split, refinement, map back
-    cg        = K_CG(dtype) · (3·pass)                 one JVP and one VJP per step
+              + 3·pass                                 split (one K product), map back
+    cg        = K_CG(dtype, conv) · (3·pass)           one JVP and one VJP per step
     pcg       = K_PCG(dtype) · (3·pass) + pass + 2·P^1.5 / RATE_MATMUL  (when registered)
 
-and every route pays the residual test (three passes), left out as common to all. The
+and every route pays the residual test (three passes), left out as common to all (the
+Gram route's refinement runs only where that test fails, so it is not costed). The
 ``Σa``, ``Σb`` are the summed input and output widths of the layers the structure
 covers (a ``W`` of shape ``(a, b)``). The constants were measured on the development
 machine (2 x86 cores, XLA's CPU backend, float32, under load from other processes): a
@@ -31,7 +34,10 @@ machine (2 x86 cores, XLA's CPU backend, float32, under load from other processe
 ``jnp.linalg.eigh`` in ``≈ n³ / 10¹⁰`` seconds (3 ms at ``n = 320``), a JVP and a VJP of
 the 784-128-10 MLP at batch 32 in ``≈ 0.3`` ms (``≈ 6·10¹⁰`` flop/s, ``≈ 20 µs`` fixed);
 CG took 19–35 steps to the float32 default tolerance at damping ``10⁻³`` on that MLP
-(``K_CG = 30`` in float32, ``100`` in float64, where the tolerance is ``10⁻¹⁰``).
+(``K_CG = 30`` in float32, ``100`` in float64, where the tolerance is ``10⁻¹⁰``); on the
+MNIST-1D CNN it took 98–272 (``K_CG = 250`` in float32 where the structure has a
+convolution), and a pass of that CNN ran at ``≈ 6·10⁹`` flop/s (XLA's CPU convolutions),
+so there the Gram route wins up to batches of a few hundred.
 ``benchmarks/bench.py --auto-grid`` checks the choice against every fixed route on a
 grid (benchmarks/README.md).
 
@@ -54,14 +60,20 @@ ROUTES = ("pinv", "cholesky", "gram", "cg", "pcg")
 
 RATE_MATMUL = 9e10  # flop/s, large matrix products
 RATE_PASS = 6e10  # flop/s, a forward/JVP/VJP pass of the model
+RATE_PASS_CONV = 6e9  # flop/s, the same for a model with convolutions (XLA's CPU convolutions)
 OVERHEAD_PASS = 2e-5  # s, fixed cost of one pass
 RATE_CHOL = 4e10  # n³ per second for a Cholesky factorisation (n³/3 flops at 1.3e10 flop/s)
 RATE_EIGH = 1e10  # n³ per second for a symmetric eigendecomposition
 K_CG = {64: 100, 32: 30, 16: 10}  # expected CG steps by float width
+# With convolutions the Fisher is far worse conditioned: on the MNIST-1D CNN (three
+# convolutions, ReLU) at damping 1e-3 plain CG took 98 / 238 / 272 steps in float32 at
+# N = 32 / 128 / 512 (benchmarks/peer.py); float64 and 16-bit scaled as for dense networks.
+K_CG_CONV = {64: 800, 32: 250, 16: 80}
 # Expected Kronecker-preconditioned CG steps: on the 784-128-10 MLP at damping 1e-3 it took
 # 89–147 steps in float32 where plain CG took 19–36 (its preconditioner claims curvature on
 # directions where the low-rank Fisher has none), so it is costed at that count.
 K_PCG = {64: 400, 32: 120, 16: 40}
+K_PCG_CONV = {64: 2000, 32: 600, 16: 200}  # 457–669 steps on the MNIST-1D CNN in float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +91,13 @@ class Facts:
     gram_in: int = 0  # Σ input widths of the covered matrix leaves (rows of W, all but last axis)
     gram_out: int = 0  # Σ output widths of the covered leaves (last axis; a bias: its size)
     dense_ok: bool = True  # P ≤ max_params
+    conv: bool = False  # the model has a recognised convolution (CG is costed at more steps)
+    flops: float | None = None  # of one forward pass over the batch (None: 2·N·P, dense)
 
 
 def _pass(f: Facts) -> float:
-    return 2.0 * f.n * f.p / RATE_PASS + OVERHEAD_PASS
+    flops = 2.0 * f.n * f.p if f.flops is None else f.flops
+    return flops / (RATE_PASS_CONV if f.conv else RATE_PASS) + OVERHEAD_PASS
 
 
 def _jacobian(f: Facts, p: int) -> float:
@@ -102,15 +117,16 @@ def _gram(f: Facts) -> float:
     if rest > 0:
         build += _jacobian(f, rest) + 2.0 * size**2 * rest / RATE_MATMUL
     factor = size**3 / (RATE_CHOL if f.damped else RATE_EIGH)
-    return build + factor + 6 * _pass(f)
+    return build + factor + 3 * _pass(f)
 
 
 def _cg(f: Facts) -> float:
-    return K_CG[f.bits] * 3 * _pass(f)
+    return (K_CG_CONV if f.conv else K_CG)[f.bits] * 3 * _pass(f)
 
 
 def _pcg(f: Facts) -> float:
-    return (K_PCG[f.bits] * 3 + 1) * _pass(f) + 2.0 * f.p**1.5 / RATE_MATMUL
+    steps = (K_PCG_CONV if f.conv else K_PCG)[f.bits]
+    return (steps * 3 + 1) * _pass(f) + 2.0 * f.p**1.5 / RATE_MATMUL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +169,9 @@ def choose(facts: Facts, registered=None) -> str:
     return min(estimates, key=estimates.get)
 
 
-def _structured_params(problem) -> tuple[int, int, int]:
-    """``(parameters covered, Σa, Σb)`` by the Gram route's per-layer structure (trace time)."""
+def _structured_params(problem) -> tuple[int, int, int, bool]:
+    """``(parameters covered, Σa, Σb)`` by the Gram route's per-layer structure, and whether
+    the model has a recognised convolution (trace time)."""
     import jax
 
     from natchain._gram import gram_sites
@@ -163,21 +180,38 @@ def _structured_params(problem) -> tuple[int, int, int]:
     try:
         _, structure, kept, _ = gram_sites(problem.model, params, problem.x, problem.batch_size)
     except Exception:  # noqa: BLE001 - no structure found: the Gram route materialises J
-        return 0, 0, 0
+        return 0, 0, 0, False
     leaves = jax.tree_util.tree_leaves(params)
     covered = {i for k in kept for i in structure.sites[k].leaves}
     widths_in = sum(math.prod(leaves[i].shape[:-1]) for i in covered if leaves[i].ndim >= 2)
     widths_out = sum(
         leaves[i].shape[-1] if leaves[i].ndim >= 2 else leaves[i].size for i in covered
     )
-    return int(sum(leaves[i].size for i in covered)), int(widths_in), int(widths_out)
+    conv = any(site.pattern.name == "conv" for site in structure.sites.values())
+    return int(sum(leaves[i].size for i in covered)), int(widths_in), int(widths_out), conv
+
+
+def _forward_flops(problem) -> float | None:
+    """XLA's flop count of one forward pass over the batch (``None`` where unavailable)."""
+    import jax
+
+    def spec(a):
+        return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+
+    try:
+        args = jax.tree_util.tree_map(spec, (problem.params, problem.x))
+        analysis = jax.jit(problem.model).lower(*args).cost_analysis()
+        flops = float(analysis["flops"])
+    except Exception:  # noqa: BLE001 - no cost analysis on this backend: the dense estimate
+        return None
+    return flops if flops > 0 else None
 
 
 def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
     """The :class:`Facts` of a :class:`natchain._problem.Problem`."""
     n, m, r = problem.factor.shape
     p = problem.num_params
-    structured, gram_in, gram_out = _structured_params(problem)
+    structured, gram_in, gram_out, conv = _structured_params(problem)
     return Facts(
         n=n,
         m=m,
@@ -190,6 +224,8 @@ def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
         gram_in=gram_in,
         gram_out=gram_out,
         dense_ok=max_params is None or p <= max_params,
+        conv=conv,
+        flops=_forward_flops(problem),
     )
 
 
@@ -224,12 +260,26 @@ class Auto(AbstractSolver):
         """The name of the route chosen for ``problem``."""
         return choose(facts_of(problem, self.max_params))
 
-    def compute(self, problem, damping):
+    def chosen(self, problem):
+        """``(name, solver)``: the route chosen for ``problem``, configured with its defaults."""
         from natchain._solvers import SOLVERS
 
         name = self.route(problem)
         options = {"tol": self.tol, "check_float64": self.check_float64}
         if name in ("pinv", "cholesky"):
             options["max_params"] = self.max_params
-        n, stats = SOLVERS[name](**options).compute(problem, damping)
+        return name, SOLVERS[name](**options)
+
+    def compute(self, problem, damping):
+        name, solver = self.chosen(problem)
+        n, stats = solver.compute(problem, damping)
+        return n, dict(stats, route=jnp.asarray(ROUTES.index(name), jnp.int32))
+
+    def solve(self, problem, damping, prepared=None):
+        """The chosen route's own :meth:`~AbstractSolver.solve` (its residual test, and
+        whatever it adds to it, such as the Gram route's refinement on failure)."""
+        if prepared is not None:
+            return super().solve(problem, damping, prepared)  # refused: prepares nothing
+        name, solver = self.chosen(problem)
+        n, stats = solver.solve(problem, damping)
         return n, dict(stats, route=jnp.asarray(ROUTES.index(name), jnp.int32))

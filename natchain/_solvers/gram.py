@@ -33,6 +33,7 @@ import jax.scipy.linalg as jsl
 from natchain._gram import factor_gram
 from natchain._sharding import GramRows, system_rows
 from natchain._solvers._base import AbstractSolver, check_rcond, eigh_pinv
+from natchain._status import finish
 
 
 def _coefficients(ms):
@@ -82,9 +83,12 @@ class Gram(AbstractSolver):
         factorization: ``"eigh"`` (pseudo-inverse, reports rank and cut-off),
             ``"cholesky"`` (damped only, fastest) or ``"auto"`` (Cholesky when the damping
             is known to be positive, else eigh).
-        refine: steps of iterative refinement (each one more product with ``K`` and one
-            more solve with the same factorisation): ``(F + λI) n − g = Jᵀ (F_blk K u +
-            λu − b)`` for ``n = Jᵀ u``, so the residual stays in output space.
+        refine: iterative refinement on the output-space residual (each step one more
+            product with ``K`` and one more solve with the same factorisation):
+            ``(F + λI) n − g = Jᵀ (F_blk K u + λu − b)`` for ``n = Jᵀ u``. ``"auto"``
+            (default): one step only where the residual test fails without it (under
+            ``jit`` a ``lax.cond``: the common case pays nothing); an integer: that many
+            steps always.
         rows: shard the system by rows over a mesh axis: an axis name, a tuple of them,
             or a :class:`natchain.GramRows` (docs/sharding.md); ``None``: one matrix,
             placed by XLA.
@@ -98,14 +102,16 @@ class Gram(AbstractSolver):
         rcond=None,
         structured="auto",
         factorization="auto",
-        refine: int = 1,
+        refine: int | str = "auto",
         tol: float | None = None,
         check_float64: bool = False,
         rows=None,
     ):
         super().__init__(tol, check_float64)
-        if not (isinstance(refine, int) and refine >= 0):
-            raise ValueError(f"refine must be a non-negative integer; got {refine!r}.")
+        if refine != "auto" and not (
+            isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0
+        ):
+            raise ValueError(f"refine must be 'auto' or a non-negative integer; got {refine!r}.")
         self.refine = refine
         check_rcond(rcond)
         if structured not in ("auto", True, False):
@@ -139,6 +145,32 @@ class Gram(AbstractSolver):
         return damped, damped, stats  # undamped selected only where damping == 0: C⁺
 
     def compute(self, problem, damping):
+        solve_u, refine_u, stats = self._output_solver(problem, damping)
+        u = solve_u(problem.cotangent)
+        for _ in range(0 if self.refine == "auto" else self.refine):
+            u = refine_u(u)
+        return problem.vjp_tree(u), stats
+
+    def solve(self, problem, damping, prepared=None):
+        """:meth:`AbstractSolver.solve`; with ``refine="auto"`` a solve whose residual test
+        fails gets one step of refinement and is tested again (``stats["refined"]``)."""
+        if self.refine != "auto" or prepared is not None:
+            return super().solve(problem, damping, prepared)
+        solve_u, refine_u, measured = self._output_solver(problem, damping)
+        u = solve_u(problem.cotangent)
+
+        def tested(u, refined):
+            n = problem.vjp_tree(u)
+            extra = dict(measured, refined=jnp.asarray(refined))
+            return n, finish(problem, damping, n, self.tol, extra, check_float64=self.check_float64)
+
+        first = tested(u, False)
+        return jax.lax.cond(first[1]["converged"], lambda: first, lambda: tested(refine_u(u), True))
+
+    def _output_solver(self, problem, damping):
+        """``(solve_u, refine_u, stats)``: ``b ↦ u`` with ``(F + λI)⁺ g = Jᵀ u`` for the
+        cotangent ``b``, one refinement step ``u ↦ u'`` against the problem's own ``b``,
+        and the factorisation's statistics."""
         ms = problem.factor
         n, m, r = ms.shape
         if self.rows is not None:
@@ -160,8 +192,8 @@ class Gram(AbstractSolver):
             return u + jnp.where(positive, z / lam, 0.0)
 
         b = problem.cotangent
-        u = solve_u(b)
-        for _ in range(self.refine):  # iterative refinement on the output-space residual
-            ku = problem.ntk_vp(u)
-            u = u + solve_u(b - problem.apply_fblk(ku) - damping * u)
-        return problem.vjp_tree(u), stats
+
+        def refine_u(u):  # one step of iterative refinement on the output-space residual
+            return u + solve_u(b - problem.apply_fblk(problem.ntk_vp(u)) - damping * u)
+
+        return solve_u, refine_u, stats
