@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -303,6 +304,38 @@ def run_cnn(batch, reps):
     return _time_routes("mnist1d cnn", batch, cnn_routes(), params, x, y, key, t_sgd, reps)
 
 
+def git_revision():
+    """``{"commit", "dirty"}`` of the checkout the benchmark runs from."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=HERE, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
+
+
+def _load_note(load) -> str:
+    """``"; the machine was shared, …"`` where the 1-minute load average was above 1."""
+    try:
+        first = float(str(load).split(",")[0])
+    except ValueError:
+        return ""
+    if first > 1.0:
+        return "; the machine was shared, so single times are noisy and ratios indicative"
+    return ""
+
+
+def _measured_on(env) -> str:
+    rev = env.get("git")
+    parts = [f"{k} {v}" for k, v in env.items() if k != "git"]
+    if rev:
+        dirty = " (with uncommitted changes)" if rev["dirty"] else ""
+        parts.append(f"git {rev['commit'][:12]}{dirty}")
+    return "measured on: " + ", ".join(parts)
+
+
 def environment(devices=1):
     try:
         import jaxlib
@@ -322,6 +355,7 @@ def environment(devices=1):
         "device": str(jax.devices()[0]),
         "load_average": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         "devices": devices,
+        "git": git_revision(),
     }
 
 
@@ -482,8 +516,8 @@ def auto_section(rows, env, reps):
         f"auto / best: median {statistics.median(ratios):.2f}, largest {max(ratios):.2f} over "
         f"{len(rows)} points; auto picked the fastest route at "
         f"{sum(r['auto_choice'] == r['best'] for r in rows)} of them.",
-        f"Load average (1, 5, 15 min) at the start: {env.get('load_average')}; the machine was "
-        "shared, so single times are noisy.",
+        f"Load average (1, 5, 15 min) at the start: {env.get('load_average')}"
+        f"{_load_note(env.get('load_average'))}; {_measured_on(env)}.",
         AUTO_END,
     ]
     return "\n".join(lines)
@@ -553,10 +587,9 @@ def write_readme(rows, env, reps):
     if load:
         lines += [
             "",
-            f"Load average (1, 5, 15 min) at the start of the run: {load}; the machine was "
-            "shared, so ratios are indicative.",
+            f"Load average (1, 5, 15 min) at the start of the run: {load}{_load_note(load)}.",
         ]
-    lines += ["", "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", ""]
+    lines += ["", _measured_on(env).capitalize() + ".", ""]
     for begin, end in ((PEER_BEGIN, PEER_END), (AUTO_BEGIN, AUTO_END)):
         kept = _peer_section(HERE / "README.md", begin, end)
         if kept is not None:
@@ -578,8 +611,11 @@ def main(argv=None):
         action="store_true",
         help="time every fixed route and solver='auto' on a grid of (N, P) instead",
     )
+    parser.add_argument("--allow-dirty", action="store_true", help="record from a dirty tree")
     args = parser.parse_args(argv)
     reps = 5 if args.quick else args.reps
+    if not args.quick and git_revision()["dirty"] and not args.allow_dirty:
+        raise SystemExit("uncommitted changes: commit first, or pass --allow-dirty.")
     if args.auto_grid:
         env = environment(args.devices)
         rows = auto_grid(reps)

@@ -54,7 +54,7 @@ from natchain._solvers._base import DEFAULT_MAX_PARAMS
 # The MLP is bench.py's (one builder for every benchmark); run as a script, the repository
 # root is not on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench import init_mlp, mlp  # noqa: E402
+from benchmarks.bench import git_revision, init_mlp, mlp  # noqa: E402
 from experiments import _kfac  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -723,16 +723,6 @@ def check_kfac(n=32):
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def git_revision():
-    def git(*args):
-        return subprocess.run(
-            ["git", *args], cwd=HERE, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
 
 
 def environment():
