@@ -827,13 +827,14 @@ def readme_section(results):
         ),
         "",
         _para(
-            f"""The machine was shared: 1-minute load average {min(load):.1f}–{max(load):.1f}
-            on {env["cpu_count"]} cores during the run. Under that load a route's time per
-            round is bimodal (a contended round took up to {spread:.0f}× the same route's
-            fastest round; every round's time is in `peer.json`),
-            so the median table measures contention as much as cost; the best-of-rounds
-            table (fastest round over SGD's fastest) is the closer estimate of the cost on
-            an idle machine. A route timed once has only its one time in both."""
+            f"""1-minute load average during the run {min(load):.1f}–{max(load):.1f} on
+            {env["cpu_count"]} cores; the benchmark's own threads count towards it, so on
+            {env["cpu_count"]} cores a value near {env["cpu_count"]} is the run itself. A
+            route's time per round still varies (a slow round took up to {spread:.0f}× the
+            same route's fastest round; every round's time is in `peer.json`): the median
+            table is the typical cost, the best-of-rounds table (fastest round over SGD's
+            fastest) the cost without interference. A route timed once has only its one
+            time in both."""
         ),
         "",
     ]
