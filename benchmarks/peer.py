@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -757,7 +758,7 @@ def _fmt_ratio(row, best=False):
     if "skipped" in row:
         return "n/a"
     ratio = row["best_ratio"] if best else row["ratio"]
-    if "cg_steps" in row:
+    if "cg_steps" in row and math.isfinite(row["residual"]):  # nan: not measured (minimal)
         return f"{ratio:.1f}× ({row['cg_steps']}, {row['residual']:.0e})"
     return f"{ratio:.1f}×"
 
