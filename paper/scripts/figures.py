@@ -39,8 +39,6 @@ from generate import (  # noqa: E402
     NULLSPACE_SETTINGS,
     PAPER,
     ROOT,
-    SETTINGS,
-    TRAINING_METHODS,
     WHISKERS,
     cost_points,
     cost_slope,
@@ -129,56 +127,9 @@ def training_curves(results: Path, out: Path):
     level, rows, runs = load(results, "training")
     if level is None:
         return None
-    if is_validation_protocol(runs):
-        return training_curves_v2(rows, runs, out)
-    settings = [s for s in SETTINGS if any(r["setting"] == s for r in runs.values())]
-    fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 2.8), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    series = {}
-    for r in rows:
-        if r["metric"] == "train_loss":
-            series.setdefault(r["run"], []).append((r["step"], float(r["value"])))
-    for ax, setting in zip(axes[0], settings, strict=True):
-        for j, method in enumerate(TRAINING_METHODS):
-            curves = [
-                sorted(series.get(rid, []))
-                for rid, info in sorted(runs.items())
-                if info["setting"] == setting and info["method"] == method
-            ]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            steps = np.array([s for s, _ in curves[0][:length]])
-            vals = np.array([[v for _, v in c[:length]] for c in curves])
-            # A diverged run's last values are inf/nan or astronomically large: the curve
-            # stops there (the legend says it diverged).
-            vals = np.where(np.isfinite(vals) & (vals < 1e8), vals, np.nan)
-            diverged = any(
-                info["status"] == "diverged"
-                for info in runs.values()
-                if info["setting"] == setting and info["method"] == method
-            )
-            label = method + (" (diverged)" if diverged else "")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(vals, 0)
-            ax.plot(steps, mean, color=cmap(j), lw=1.2, label=label)
-            if len(curves) > 1:
-                with warnings.catch_warnings():  # all-nan columns after a divergence
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    lo, hi = np.nanmin(vals, 0), np.nanmax(vals, 0)
-                ax.fill_between(steps, lo, hi, color=cmap(j), alpha=0.15)
-        ax.set_yscale("log")
-        ax.set_title(setting)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("training loss")
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.tight_layout()
-    path = out / "training_curves.pdf"
-    save(fig, path)
-    return path
+    if not is_validation_protocol(runs):
+        raise SystemExit("results/training holds runs without a validation sweep: regenerate them.")
+    return training_curves_v2(rows, runs, out)
 
 
 def fisher_field(results: Path, out: Path):

@@ -38,7 +38,6 @@ TRAINING_METHODS = (
     "ngd-modular-layer",
     "ngd-modular-primitive",
 )
-SETTINGS = ("digits", "mnist1d", "diabetes")
 #: The protocol with a validation sweep (runs whose config has ``hp``): its settings and
 #: methods, and the earlier setting name each new one also answers to in the text's macros.
 NEW_SETTINGS = ("digits", "diabetes", "mnist1d-mlp", "mnist1d-cnn")
@@ -147,111 +146,6 @@ def macro_name(*parts: str) -> str:
 
 
 # ---- training -----------------------------------------------------------------------------------
-
-
-def training_summary(rows, runs):
-    """Per ``(setting, method)``: per-seed final train loss, test metric, ratio and status."""
-    final = {}
-    for r in rows:
-        key = (r["run"], r["metric"])
-        if r["metric"] == "step_time_s" or key not in final or r["step"] >= final[key][0]:
-            final[key] = (r["step"], _value(r["value"]))
-    out = {}
-    for rid, info in sorted(runs.items()):
-        get = lambda m, rid=rid: final.get((rid, m), (None, float("nan")))[1]  # noqa: E731
-        sgd = f"sgd|{info['setting']}|{info['seed']}"
-        ratio = get("step_time_s") / final.get((sgd, "step_time_s"), (None, float("nan")))[1]
-        test = get("test_accuracy") if (rid, "test_accuracy") in final else get("test_mse")
-        e = out.setdefault(
-            (info["setting"], info["method"]),
-            {"train_loss": [], "test": [], "ratio": [], "status": []},
-        )
-        e["train_loss"].append(get("train_loss") if info["status"] == "ok" else float("nan"))
-        e["test"].append(test if info["status"] == "ok" else float("nan"))
-        e["ratio"].append(ratio)
-        e["status"].append(info["status"])
-    return out
-
-
-def training_table(summary) -> str:
-    lines = [
-        r"\begin{tabular}{llccc}",
-        r"\toprule",
-        r"setting & method & final train loss & test metric & time/step $\div$ SGD \\",
-        r"\midrule",
-    ]
-    for setting in SETTINGS:
-        present = [m for m in TRAINING_METHODS if (setting, m) in summary]
-        for i, method in enumerate(present):
-            e = summary[(setting, method)]
-            scale = 100.0 if setting != "diabetes" else 1.0
-            ratio = np.asarray(e["ratio"], dtype=float)
-            ratio_s = fmt(float(np.nanmean(ratio)), 2) if np.any(np.isfinite(ratio)) else "--"
-            name = setting if i == 0 else ""
-            lines.append(
-                rf"{name} & \texttt{{{method}}} & {fmt_pm(e['train_loss'])} & "
-                rf"{fmt_pm(e['test'], scale)} & {ratio_s} \\"
-            )
-        if present:
-            lines.append(r"\midrule")
-    if lines[-1] == r"\midrule":
-        lines[-1] = r"\bottomrule"
-    else:
-        lines.append(r"\bottomrule")
-    lines.append(r"\end{tabular}")
-    return "\n".join(lines) + "\n"
-
-
-def training_numbers(level, summary, runs) -> dict:
-    seeds = sorted({r["seed"] for r in runs.values()})
-    nums = {macro_name("training", "seeds"): str(len(seeds))}
-    steps = sorted({r["config"].get("steps") for r in runs.values() if r.get("config")})
-    nums[macro_name("training", "steps")] = str(steps[-1]) if steps else "n/a"
-    nums[macro_name("training", "level")] = level or "none"
-    nums[macro_name("training", "runs")] = str(len(runs))
-    nums[macro_name("training", "dirty", "runs")] = str(
-        sum(1 for r in runs.values() if not _committed(r.get("git")))
-    )
-    for method in TRAINING_METHODS:  # the values chosen on digits (the full sweep)
-        lrs = sorted(
-            {
-                r["config"]["learning_rate"]
-                for r in runs.values()
-                if r["method"] == method and r["setting"] == "digits" and r.get("config")
-            }
-        )
-        lams = sorted(
-            {
-                r["config"]["damping"]
-                for r in runs.values()
-                if r["method"] == method
-                and r["setting"] == "digits"
-                and r.get("config")
-                and r["config"].get("damping")
-            }
-        )
-        nums[macro_name("training", "lr", method)] = fmt(lrs[0], 2) if len(lrs) == 1 else "n/a"
-        nums[macro_name("training", "damping", method)] = (
-            fmt(lams[0], 2) if len(lams) == 1 else "n/a"
-        )
-    for setting in SETTINGS:
-        scale = 100.0 if setting != "diabetes" else 1.0
-        for method in TRAINING_METHODS:
-            key = ("training", setting, method)
-            e = summary.get((setting, method))
-            if e is None:
-                for what in ("test", "loss", "ratio", "diverged"):
-                    nums[macro_name(*key, what)] = "n/a"
-                continue
-            test = np.asarray(e["test"], dtype=float) * scale
-            loss = np.asarray(e["train_loss"], dtype=float)
-            ratio = np.asarray(e["ratio"], dtype=float)
-            nums[macro_name(*key, "test")] = fmt(float(np.mean(test)))
-            nums[macro_name(*key, "loss")] = fmt(float(np.mean(loss)))
-            finite = np.any(np.isfinite(ratio))
-            nums[macro_name(*key, "ratio")] = fmt(float(np.nanmean(ratio)), 2) if finite else "n/a"
-            nums[macro_name(*key, "diverged")] = str(e["status"].count("diverged"))
-    return nums
 
 
 def is_validation_protocol(runs) -> bool:
@@ -957,15 +851,15 @@ def generate(results: Path, out: Path) -> list[Path]:
 
     header = "% Generated by paper/scripts/generate.py from results/. Do not edit.\n"
     level, rows, runs = load(results, "training")
-    if is_validation_protocol(runs):
-        tsum = training_summary_v2(rows, runs)
-        write("training_table.tex", header + training_table_v2(tsum))
-        nums = training_numbers_v2(level, tsum, runs)
-        nums.update(training_sweep_numbers(results))
-    else:  # results of the earlier protocol (chosen on training loss): as they were
-        tsum = training_summary(rows, runs)
-        write("training_table.tex", header + training_table(tsum))
-        nums = training_numbers(level, tsum, runs)
+    if not is_validation_protocol(runs):
+        raise SystemExit(
+            "results/training holds runs without a validation sweep (config['hp']): "
+            "regenerate them with python -m experiments training."
+        )
+    tsum = training_summary_v2(rows, runs)
+    write("training_table.tex", header + training_table_v2(tsum))
+    nums = training_numbers_v2(level, tsum, runs)
+    nums.update(training_sweep_numbers(results))
 
     flevel, frows, fruns = load(results, "fisher_kinds")
     fsum = fisher_summary(frows)
