@@ -355,6 +355,7 @@ def environment(devices=1):
         "device": str(jax.devices()[0]),
         "load_average": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         "devices": devices,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git": git_revision(),
     }
 
