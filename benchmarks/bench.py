@@ -317,23 +317,23 @@ def git_revision():
 
 
 def _load_note(load) -> str:
-    """``"; the machine was shared, …"`` where the 1-minute load average was above 1."""
+    """``"; the machine was shared, …"`` where the 1-minute load average exceeded the cores."""
     try:
         first = float(str(load).split(",")[0])
     except ValueError:
         return ""
-    if first > 1.0:
+    if first > (os.cpu_count() or 1):
         return "; the machine was shared, so single times are noisy and ratios indicative"
     return ""
 
 
-def _measured_on(env) -> str:
+def measured_on(env) -> str:
     rev = env.get("git")
     parts = [f"{k} {v}" for k, v in env.items() if k != "git"]
     if rev:
         dirty = " (with uncommitted changes)" if rev["dirty"] else ""
         parts.append(f"git {rev['commit'][:12]}{dirty}")
-    return "measured on: " + ", ".join(parts)
+    return "Measured on: " + ", ".join(parts)
 
 
 def environment(devices=1):
@@ -518,7 +518,7 @@ def auto_section(rows, env, reps):
         f"{len(rows)} points; auto picked the fastest route at "
         f"{sum(r['auto_choice'] == r['best'] for r in rows)} of them.",
         f"Load average (1, 5, 15 min) at the start: {env.get('load_average')}"
-        f"{_load_note(env.get('load_average'))}; {_measured_on(env)}.",
+        f"{_load_note(env.get('load_average'))}. {measured_on(env)}.",
         AUTO_END,
     ]
     return "\n".join(lines)
@@ -590,7 +590,7 @@ def write_readme(rows, env, reps):
             "",
             f"Load average (1, 5, 15 min) at the start of the run: {load}{_load_note(load)}.",
         ]
-    lines += ["", _measured_on(env).capitalize() + ".", ""]
+    lines += ["", measured_on(env) + ".", ""]
     for begin, end in ((PEER_BEGIN, PEER_END), (AUTO_BEGIN, AUTO_END)):
         kept = _peer_section(HERE / "README.md", begin, end)
         if kept is not None:

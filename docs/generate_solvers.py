@@ -58,6 +58,15 @@ def _settings():
     }
 
 
+def _measured_on(env) -> str:
+    """The benchmark's own ``Measured on: …`` line for its environment record."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.bench import measured_on
+
+    return measured_on(env)
+
+
 def _ratio(r):
     return f"{r['ratio']:.1f}×"
 
@@ -200,7 +209,7 @@ def render(results: dict, settings: dict) -> str:
     env = results.get("env", {})
     lines += [
         "",
-        "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
+        _measured_on(env) + ".",
         "How the costs grow with batch size and width: `python -m experiments cost`.",
         "",
     ]
