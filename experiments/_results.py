@@ -186,6 +186,8 @@ class ResultStore:
             "devices": self.devices,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if os.environ.get("XLA_FLAGS"):  # a run under non-default XLA settings says so
+            self.runs[rid]["xla_flags"] = os.environ["XLA_FLAGS"]
         _atomic_write(self.runs_path, [json.dumps(r, sort_keys=True) for r in self.runs.values()])
 
 
