@@ -60,7 +60,7 @@ from natchain._natural_gradient import (
     natural_gradient_prepared,
 )
 from natchain._problem import KINDS, check_family, output_factor
-from natchain._status import RESULTS, stats_template
+from natchain._status import RESULTS, stats_template, tree_norm
 
 METHODS = ("exact", "modular")
 #: Statistics levels of ``scale_by_natural_gradient(stats=...)``.
@@ -118,10 +118,6 @@ def _empty_info(params, dtype, maps) -> dict:
         maps=maps,
     )
     return info
-
-
-def _tree_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
 def _cosine(a, b):
@@ -390,7 +386,7 @@ def scale_by_natural_gradient(
         # code for XLA. With "minimal" and no gradient from the solve, grad_norm is nan.
         incoming = updates if (full or grad is None) else grad
         read = full or grad is not None or stats == "basic"
-        grad_norm = _tree_norm(incoming).astype(dtype) if read else nan
+        grad_norm = tree_norm(incoming).astype(dtype) if read else nan
         cosine = _cosine(updates, grad).astype(dtype) if full else nan
         info = _empty_info(params, dtype, {})
         skipped = jnp.logical_not(finite) if guard else jnp.asarray(False)
