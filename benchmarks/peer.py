@@ -50,6 +50,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import natchain as nc
+from natchain._modular._rules.conv import BLOCK_LIMIT
 from natchain._solvers._base import DEFAULT_MAX_PARAMS
 
 # The MLP is bench.py's (one builder for every benchmark); run as a script, the repository
@@ -93,6 +94,10 @@ SLOW_CALL = 2.0
 # --------------------------------------------------------------------------- models
 
 
+#: MNIST-1D's signal length.
+MNIST1D_LENGTH = 40
+
+
 def cnn_out_length(length, layers=3, kernel=5, stride=2, pad=1):
     """Length of the signal after ``layers`` strided convolutions."""
     for _ in range(layers):
@@ -100,7 +105,7 @@ def cnn_out_length(length, layers=3, kernel=5, stride=2, pad=1):
     return length
 
 
-def init_cnn(key, channels=25, length=40, classes=10, kernel=5):
+def init_cnn(key, channels=25, length=MNIST1D_LENGTH, classes=10, kernel=5):
     """The MNIST-1D CNN's parameters (He-scaled convolutions, ``1/fan_in`` head)."""
     keys = jax.random.split(key, 4)
     conv = []
@@ -433,8 +438,9 @@ def skip_reason(route, model, params, n, skip_kfac):
     if model.name == "cnn" and "modular" in route.label and n > 32:
         return (
             "timed at B = 32 only: the convolution's layer rule factors a patch Gram "
-            "matrix of N·positions rows (19 positions in the first layer), a cost growing "
-            "as N³, refused above BLOCK_LIMIT = 4096 rows (B = 512)"
+            f"matrix of N·positions rows ({cnn_out_length(MNIST1D_LENGTH, layers=1)} "
+            "positions in the first layer), a cost growing as N³, refused above "
+            f"BLOCK_LIMIT = {BLOCK_LIMIT} rows"
         )
     if route.label.endswith("pinv"):
         return (

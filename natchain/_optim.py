@@ -385,8 +385,8 @@ def scale_by_natural_gradient(
         # solve gave no gradient (modular): otherwise the caller's own gradient is dead
         # code for XLA. With "minimal" and no gradient from the solve, grad_norm is nan.
         incoming = updates if (full or grad is None) else grad
-        read = full or grad is not None or stats == "basic"
-        grad_norm = tree_norm(incoming).astype(dtype) if read else nan
+        unread = stats == "minimal" and grad is None
+        grad_norm = nan if unread else tree_norm(incoming).astype(dtype)
         cosine = _cosine(updates, grad).astype(dtype) if full else nan
         info = _empty_info(params, dtype, {})
         skipped = jnp.logical_not(finite) if guard else jnp.asarray(False)

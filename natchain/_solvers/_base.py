@@ -83,9 +83,15 @@ class AbstractSolver(abc.ABC):
             )
         else:
             n, measured = self.compute(problem, damping, prepared)
+        return n, self.check(problem, damping, n, measured)
+
+    def check(self, problem, damping, n, measured) -> dict:
+        """The full statistics of the solution ``n``: the residual test on the original
+        system (:func:`natchain._status.finish`) with this solver's ``tol`` and
+        ``check_float64``, over what the solver ``measured`` (``hit_cap`` read off it)."""
         measured = dict(measured)
         hit_cap = measured.pop("hit_cap", False)
-        stats = finish(
+        return finish(
             problem,
             damping,
             n,
@@ -94,7 +100,6 @@ class AbstractSolver(abc.ABC):
             check_float64=self.check_float64,
             hit_cap=hit_cap,
         )
-        return n, stats
 
     # Solvers are configuration: hashable by their settings, so they can be static
     # arguments of ``jax.jit``.

@@ -22,7 +22,7 @@ analysis of the model, else ``2·N·P`` as for a dense network)::
               + (N·r)³ / RATE_CHOL (damped) or (N·r)³ / RATE_EIGH (undamped)
               + 3·pass                                 split (one K product), map back
     cg        = K_CG(dtype, conv) · (3·pass)           one JVP and one VJP per step
-    pcg       = K_PCG(dtype) · (3·pass) + pass + 2·P^1.5 / RATE_MATMUL  (when registered)
+    pcg       = K_PCG(dtype, conv) · (3·pass) + pass + 2·P^1.5 / RATE_MATMUL  (when registered)
 
 and every route pays the residual test (three passes), left out as common to all (the
 Gram route's refinement runs only where that test fails, so it is not costed). The

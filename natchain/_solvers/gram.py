@@ -33,7 +33,6 @@ import jax.scipy.linalg as jsl
 from natchain._gram import factor_gram
 from natchain._sharding import GramRows, system_rows
 from natchain._solvers._base import AbstractSolver, check_rcond, eigh_pinv
-from natchain._status import finish
 
 
 def _coefficients(ms):
@@ -161,8 +160,7 @@ class Gram(AbstractSolver):
 
         def tested(u, refined):
             n = problem.vjp_tree(u)
-            extra = dict(measured, refined=jnp.asarray(refined))
-            return n, finish(problem, damping, n, self.tol, extra, check_float64=self.check_float64)
+            return n, self.check(problem, damping, n, dict(measured, refined=jnp.asarray(refined)))
 
         first = tested(u, False)
         return jax.lax.cond(first[1]["converged"], lambda: first, lambda: tested(refine_u(u), True))
