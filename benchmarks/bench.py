@@ -200,6 +200,7 @@ def routes():
     return {
         "one Fisher-vector product": fvp_step(),
         "gram (true Fisher)": exact_step("gram"),
+        "gram_cg (true Fisher)": exact_step("gram_cg", tol=CG_TOL),
         "cg (true Fisher)": exact_step("cg", **cg),
         "cg (empirical Fisher)": exact_step("cg", kind="empirical", **cg),
         "cg (MC Fisher, 1 sample)": exact_step("cg", kind="mc", num_samples=1, **cg),
@@ -213,6 +214,7 @@ def cnn_routes():
     cg = dict(tol=CG_TOL, maxiter=CG_MAXITER)
     return {
         "gram (true Fisher)": exact_step("gram", model=cnn),
+        "gram_cg (true Fisher)": exact_step("gram_cg", model=cnn, tol=CG_TOL),
         "cg (true Fisher)": exact_step("cg", model=cnn, **cg),
         "modular, layer granularity": modular_step("layer", model=cnn),
         "modular, primitive granularity": modular_step("primitive", model=cnn),
@@ -440,7 +442,7 @@ def auto_grid(reps, widths=AUTO_WIDTHS, batches=AUTO_BATCHES, budget_s=3.0):
             kx, ky = jax.random.split(jax.random.PRNGKey(n))
             x = jax.random.normal(kx, (n, w[0]), jnp.float32)
             y = jax.random.randint(ky, (n,), 0, w[-1])
-            routes = ["gram", "cg", "auto"]
+            routes = ["gram", "gram_cg", "cg", "auto"]
             if p <= DEFAULT_MAX_PARAMS:
                 routes = ["cholesky", "pinv", *routes]
             fns, info = {}, {}
@@ -477,7 +479,7 @@ def auto_grid(reps, widths=AUTO_WIDTHS, batches=AUTO_BATCHES, budget_s=3.0):
 
 def auto_section(rows, env, reps):
     """The generated README section of the auto grid."""
-    names = ["cholesky", "pinv", "gram", "cg"]
+    names = ["cholesky", "pinv", "gram", "gram_cg", "cg"]
     lines = [
         AUTO_BEGIN,
         '## `solver="auto"` against every fixed route',

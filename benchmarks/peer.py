@@ -365,6 +365,7 @@ ROUTES = [
     Route("optax SGD", "baseline", optax_route(lambda: optax.sgd(LR))),
     Route("optax Adam", "baseline", optax_route(lambda: optax.adam(ADAM_LR))),
     Route("natchain exact, gram", "natchain", natchain_route(solver="gram")),
+    Route("natchain exact, gram_cg", "natchain", natchain_route(solver="gram_cg")),
     Route("natchain exact, cg (defaults)", "natchain", natchain_route(solver="cg")),
     Route("natchain exact, pcg", "natchain", natchain_route(solver="pcg")),
     Route("natchain exact, auto", "natchain", natchain_route(solver="auto")),
@@ -389,6 +390,7 @@ ROUTES = [
     Route("kfac-jax, inverse every step", "kfac-jax", kfac_route(1), "kfac"),
     Route("kfac-jax, inverse every 10 steps", "kfac-jax", kfac_route(10), "kfac"),
     Route("bare solve, gram (jit)", "bare", bare_exact("gram")),
+    Route("bare solve, gram_cg (jit)", "bare", bare_exact("gram_cg")),
     Route("bare solve, cg (jit)", "bare", bare_exact("cg")),
     Route("bare solve, pcg (jit)", "bare", bare_exact("pcg")),
     Route("bare solve, cholesky (jit)", "bare", bare_exact("cholesky"), "dense"),
@@ -400,6 +402,11 @@ ROUTES = [
 #: Optimiser step → the bare computation it wraps, for the overhead table.
 OVERHEADS = [
     ("gram: optimiser step / jitted solve", "natchain exact, gram", "bare solve, gram (jit)"),
+    (
+        "gram_cg: optimiser step / jitted solve",
+        "natchain exact, gram_cg",
+        "bare solve, gram_cg (jit)",
+    ),
     ("cg: optimiser step / jitted solve", "natchain exact, cg (defaults)", "bare solve, cg (jit)"),
     (
         "cholesky: optimiser step / jitted solve",
@@ -460,6 +467,7 @@ LIMITS = {
     ("cnn", "natchain exact, cholesky"): (32, _DENSE),
     ("cnn", "bare solve, cholesky (jit)"): (32, _DENSE),
     ("cnn", "bare solve, gram (jit)"): (32, _OPTIMISER_ROW),
+    ("cnn", "bare solve, gram_cg (jit)"): (32, _OPTIMISER_ROW),
     ("cnn", "eager natural_gradient, gram"): (32, _OPTIMISER_ROW),
 }
 
@@ -621,6 +629,7 @@ SMALL = {
 }
 CHECKED = [
     ("gram", {"solver": "gram"}),
+    ("gram_cg", {"solver": "gram_cg"}),
     ("cg (defaults)", {"solver": "cg"}),
     ("cholesky", {"solver": "cholesky"}),
     ("pinv", {"solver": "pinv"}),

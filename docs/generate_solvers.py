@@ -26,6 +26,7 @@ PAGE = ROOT / "docs" / "solvers.md"
 SGD = "SGD step"
 FVP = "one Fisher-vector product"
 GRAM = "gram (true Fisher)"
+GRAM_CG = "gram_cg (true Fisher)"
 CG_TRUE = "cg (true Fisher)"
 MODULAR = ("modular, layer granularity", "modular, primitive granularity")
 
@@ -82,12 +83,12 @@ def _cell(r):
 
 def render(results: dict, settings: dict) -> str:
     """The page as a string, from the parsed results file and the settings."""
-    rows = results["rows"]
+    rows = [r for r in results["rows"] if r.get("model", "mlp") == "mlp"]  # the MLP's table
     batches = sorted({r["batch"] for r in rows})
     routes = list(dict.fromkeys(r["route"] for r in rows))
     cell = {(r["route"], r["batch"]): r for r in rows}
-    exact = [name for name in routes if name == GRAM or name.startswith("cg (")]
-    true_exact = [name for name in (GRAM, CG_TRUE) if name in routes]
+    exact = [name for name in routes if name in (GRAM, GRAM_CG) or name.startswith("cg (")]
+    true_exact = [name for name in (GRAM, GRAM_CG, CG_TRUE) if name in routes]
     lo, hi = batches[0], batches[-1]
 
     lines = [
@@ -112,6 +113,12 @@ def render(results: dict, settings: dict) -> str:
         "| `gram` | `N·r × N·r` system `Mᵀ K M + λI` in output space | nothing (exact also "
         "undamped and for softmax outputs) | `O((N·r)³)` plus one backward pass per output "
         "coordinate | rank, cut-off, residual |",
+        "| `gram_cg` | the same output-space system, solved by conjugate gradient "
+        "preconditioned by each example's own `r × r` block of `C` (never forming `C`) | "
+        "damping `λ > 0` | the blocks and the dense layers' input kernels (`N²` per layer "
+        "input width), then per step a product with `C` (`N²` per layer output width where "
+        "the layer's kernel is factored, else one JVP and one VJP) | `num_steps`, residual, "
+        "`converged`, `refined` |",
         "| `cg` | matrix-free conjugate gradient | a tolerance (default from the dtype: "
         + ", ".join(f"`{tol:g}` in {dt}" for dt, tol in settings["cg_default_tol"].items())
         + "); damping for a bounded step count | one Fisher-vector product per step | "
@@ -144,6 +151,11 @@ def render(results: dict, settings: dict) -> str:
         "- **Batches of up to a few hundred outputs:** `gram`. It never forms a `P × P` "
         "matrix, it is exact without damping (also for softmax outputs), and it builds `K` "
         "from the dense layers it recognises in the model; its solve grows as `(N·r)³`.",
+        "- **Wide dense networks at batches of a hundred or more** (`N·r` well below `P`, "
+        "damping `λ > 0`): `gram_cg`. Its step count grows as the square root of the batch "
+        "over the layer widths, its cost per step as `N²`, not `N³`; where `N·r` nears `P`, "
+        "or on convolutional networks, its output-space system is ill-conditioned and `cg` "
+        "or `gram` is faster (`benchmarks/README.md`).",
         "- **Large batches or many outputs:** `cg`. Its memory is that of a few gradients "
         "and its cost is linear in the number of steps; set `tol` for the accuracy you need "
         "and read `num_steps`, `residual` and `converged` from the statistics.",

@@ -36,7 +36,17 @@ from natchain._natural_gradient import (
 from natchain._optim import NaturalGradientState, scale_by_natural_gradient
 from natchain._problem import output_factor
 from natchain._sharding import GramRows
-from natchain._solvers import CG, PCG, SOLVERS, AbstractSolver, Auto, Cholesky, Gram, Pinv
+from natchain._solvers import (
+    CG,
+    PCG,
+    SOLVERS,
+    AbstractSolver,
+    Auto,
+    Cholesky,
+    Gram,
+    GramCG,
+    Pinv,
+)
 from natchain._status import RESULTS, STAT_KEYS, SolverError, default_tol
 from natchain._structure._inspect import LeafRow, StructureTable, inspect_structure
 
@@ -59,6 +69,7 @@ __all__ = [
     "generic_rule",
     "grad",
     "Gram",
+    "GramCG",
     "GramRows",
     "inspect_structure",
     "layer",

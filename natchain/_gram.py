@@ -153,25 +153,49 @@ def tap_cotangents(problem, leaves, closed, sites, us):
     return recorded, jax.vmap(lambda u: vjp_fn(u.astype(dtype))[0])(us)
 
 
-def site_blocks(problem):
-    """Each kept site's ``(N·r, N·r)`` block of ``C``: ``{key: (site, block)}``."""
+def _site_data(problem):
+    """Each kept site with its :class:`GramData`: ``{key: (site, data)}``."""
     ms = problem.factor
-    n, m, r = ms.shape
+    n = ms.shape[0]
     params = problem.params
     closed, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
     sites = {k: structure.sites[k] for k in kept}
     leaves = jax.tree_util.tree_leaves(params)
     recorded, ds = tap_cotangents(problem, leaves, closed, sites, jnp.moveaxis(ms, 2, 0))
-    blocks = {}
+    out = {}
     for key, site in sites.items():
         in_axes, out_axis = kept[key]
         cot = ds[site.tap_key]
         if site.shift is not None and site.shift.post_perm:
             inv = np.argsort(site.shift.post_perm)
             cot = jnp.transpose(cot, (0, *(1 + int(a) for a in inv)))
-        data = GramData(recorded[key], in_axes, cot, out_axis)
-        blocks[key] = (site, site.pattern.gram(site, data).astype(problem.eta.dtype))
-    return blocks
+        out[key] = (site, GramData(recorded[key], in_axes, cot, out_axis))
+    return out
+
+
+def site_blocks(problem):
+    """Each kept site's ``(N·r, N·r)`` block of ``C``: ``{key: (site, block)}``."""
+    dtype = problem.eta.dtype
+    return {
+        key: (site, site.pattern.gram(site, data).astype(dtype))
+        for key, (site, data) in _site_data(problem).items()
+    }
+
+
+def _example_diagonal(site, data):
+    """The site's per-example ``(N, r, r)`` diagonal blocks of ``C``: its own
+    :meth:`~natchain._structure._base.AbstractPattern.gram` on one example at a time (the
+    example axis kept, of size one), mapped over the examples."""
+    inputs, in_axes, cot, out_axis = data
+
+    def one(inputs_i, cot_i):
+        return site.pattern.gram(site, GramData(inputs_i, in_axes, cot_i, out_axis))
+
+    # A new axis of size one after each example axis: vmap strips the example axis and
+    # the pattern sees a batch of one in the layout it was matched in.
+    inputs = tuple(jnp.expand_dims(a, ax + 1) for a, ax in zip(inputs, in_axes, strict=True))
+    cot = jnp.expand_dims(cot, out_axis + 2)
+    return jax.vmap(one, in_axes=(tuple(in_axes), out_axis + 1))(inputs, cot)
 
 
 def factor_gram(problem, structured="auto"):
@@ -203,8 +227,36 @@ def factor_gram(problem, structured="auto"):
     return cmat, {"structured_params": jnp.asarray(n_struct)}
 
 
-def _fallback_gram(problem, leaves, treedef, rest):
-    """Gram contribution of leaves without recognised structure, from their Jacobians."""
+def site_data(problem):
+    """Each site the Gram route keeps, with what it recorded: ``{key: (site, GramData)}``
+    (one forward pass and one batched backward pass per factor column)."""
+    return _site_data(problem)
+
+
+def factor_gram_diagonal(problem, structured="auto", data=None):
+    """The per-example diagonal blocks of ``C`` (``(N, r, r)``), built as
+    :func:`factor_gram` builds ``C`` (the same sites, the same fallback) at the cost of
+    ``N`` one-example blocks instead of one ``N·r × N·r`` matrix; ``data``: what
+    :func:`site_data` returned, if already computed."""
+    if structured is False:
+        n, _, r = problem.factor.shape
+        b = problem.factor_jacobian().reshape(n, r, -1)
+        return jnp.einsum("iap,ibp->iab", b, b)
+    data = _site_data(problem) if data is None else data
+    dtype = problem.eta.dtype
+    diag = sum(_example_diagonal(site, d).astype(dtype) for site, d in data.values())
+    leaves, treedef = jax.tree_util.tree_flatten(problem.params)
+    covered = {leaf for site, _ in data.values() for leaf in site.leaves}
+    rest = [i for i in range(len(leaves)) if i not in covered]
+    if rest:
+        for b in _fallback_rows(problem, leaves, treedef, rest):
+            diag = diag + jnp.einsum("iap,ibp->iab", b, b)
+    return diag
+
+
+def _fallback_rows(problem, leaves, treedef, rest):
+    """Per leaf without recognised structure, its rows of ``B = Mᵀ J``: ``(N, r, size)``
+    each, from the leaf's materialised Jacobian."""
 
     def f(sub):
         ls = list(leaves)
@@ -214,8 +266,11 @@ def _fallback_gram(problem, leaves, treedef, rest):
 
     jacs = jax.jacrev(f)([leaves[i] for i in rest])
     n, m, r = problem.factor.shape
-    total = 0.0
-    for jac in jacs:
-        b = jnp.einsum("nmr,nmp->nrp", problem.factor, jac.reshape(n, m, -1))
-        total = total + jnp.einsum("iap,jbp->iajb", b, b)
-    return total
+    return [jnp.einsum("nmr,nmp->nrp", problem.factor, jac.reshape(n, m, -1)) for jac in jacs]
+
+
+def _fallback_gram(problem, leaves, treedef, rest):
+    """Gram contribution of leaves without recognised structure, from their Jacobians."""
+    return sum(
+        jnp.einsum("iap,jbp->iajb", b, b) for b in _fallback_rows(problem, leaves, treedef, rest)
+    )

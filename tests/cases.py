@@ -114,3 +114,67 @@ def rel_err(a, b):
     """``‖a − b‖ / ‖b‖`` for pytrees or arrays."""
     a, b = flat(a), flat(b)
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-300))
+
+
+def kappa_dense(model, params, x, family, damping, kind="true", y=None, key=None):
+    """``κ(F + λI)`` from the dense Fisher (float64)."""
+    f = nc.fisher_matrix(model, params, x, family, kind=kind, y=y, key=key)
+    w = np.linalg.eigvalsh(np.asarray(f, np.float64))
+    return (max(w.max(), 0.0) + damping) / (max(w.min(), 0.0) + damping)
+
+
+def check_residual_bound(sol, ref, kappa):
+    """Successful, residual below tol, and within the residual bound of the reference."""
+    st = sol.stats
+    assert int(st["result"]) == int(nc.RESULTS.successful)
+    assert bool(st["converged"])
+    # the residual that decided success: float64's when it was asked for
+    wide = np.isfinite(float(st["residual_float64"]))
+    res = float(st["residual_float64"]) if wide else float(st["residual"])
+    assert res <= float(st["tol"])
+    # the bound κ · residual, and 1e-12 for the reference's own float64 round-off
+    assert rel_err(sol.value, ref.value) <= kappa * res * 1.01 + 1e-12
+
+
+# Small models in the styles researchers bring (float64; ``to32`` for float32).
+
+
+def small_flax():
+    import flax.linen as fnn
+
+    net = fnn.Sequential([fnn.Dense(5), jnp.tanh, fnn.Dense(3)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    params = net.init(jax.random.PRNGKey(1), x)  # float32 by default: cast to float64
+    return net.apply, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params), x
+
+
+def small_equinox():
+    import equinox as eqx
+
+    net = eqx.nn.MLP(3, 3, 5, 1, activation=jnp.tanh, key=jax.random.PRNGKey(2))
+    params, static = eqx.partition(net, eqx.is_inexact_array)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params, x
+
+
+def small_conv():
+    """conv 3×3 (2 → 3 channels, SAME, stride 2) + bias, tanh, dense head (12 → 3); N = 3."""
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def model(p, x):
+        h = jax.lax.conv_general_dilated(x, p["k"], (2, 2), "SAME", dimension_numbers=dn)
+        h = jnp.tanh(h + p["c"])
+        return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+
+    ks = jax.random.split(jax.random.PRNGKey(4), 5)
+    params = {
+        "k": 0.5 * jax.random.normal(ks[0], (3, 3, 2, 3)),
+        "c": 0.1 * jax.random.normal(ks[1], (3,)),
+        "w": 0.3 * jax.random.normal(ks[2], (12, 3)),
+        "b": 0.1 * jax.random.normal(ks[3], (3,)),
+    }
+    return model, params, jax.random.normal(ks[4], (3, 4, 4, 2))
+
+
+def to32(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import equinox as eqx
-import flax.linen as fnn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cases import CASES, flat, make_case, rel_err
+from cases import (
+    CASES,
+    check_residual_bound,
+    flat,
+    kappa_dense,
+    make_case,
+    small_conv,
+    small_equinox,
+    small_flax,
+    to32,
+)
 
 import natchain as nc
 from natchain._problem import build_problem
@@ -33,26 +41,6 @@ def _args(case):
     return (case["model"], case["params"], case["x"], case["y"], case["family"])
 
 
-def _kappa(model, params, x, family, damping, kind="true", y=None, key=None):
-    """``κ(F + λI)`` from the dense Fisher (float64)."""
-    f = nc.fisher_matrix(model, params, x, family, kind=kind, y=y, key=key)
-    w = np.linalg.eigvalsh(np.asarray(f, np.float64))
-    return (max(w.max(), 0.0) + damping) / (max(w.min(), 0.0) + damping)
-
-
-def _check(sol, ref, kappa):
-    """Successful, residual below tol, and within the residual bound of the reference."""
-    st = sol.stats
-    assert int(st["result"]) == int(nc.RESULTS.successful)
-    assert bool(st["converged"])
-    # the residual that decided success: float64's when it was asked for
-    wide = np.isfinite(float(st["residual_float64"]))
-    res = float(st["residual_float64"]) if wide else float(st["residual"])
-    assert res <= float(st["tol"])
-    # the bound κ · residual, and 1e-12 for the reference's own float64 round-off
-    assert rel_err(sol.value, ref.value) <= kappa * res * 1.01 + 1e-12
-
-
 #: Shared cases run here: categorical tanh, Bernoulli ReLU (3 layers), Gaussian ReLU (the
 #: others add compile time, not coverage of this route).
 PCG_CASES = [CASES[0], CASES[2], CASES[3]]
@@ -64,8 +52,8 @@ def test_pcg_matches_dense_pinv_float64(case):
     args = _args(case)
     ref = nc.natural_gradient(*args, solver="pinv", damping=DAMPING)
     sol = nc.natural_gradient(*args, solver="pcg", damping=DAMPING, tol=TOL64)
-    kappa = _kappa(*args[:3], case["family"], DAMPING)
-    _check(sol, ref, kappa)
+    kappa = kappa_dense(*args[:3], case["family"], DAMPING)
+    check_residual_bound(sol, ref, kappa)
     assert int(sol.stats["kronecker_params"]) == case["num_params"]  # every leaf dense
 
 
@@ -80,7 +68,7 @@ def test_pcg_options_give_the_same_answer(opts):
     args = _args(case)
     ref = nc.natural_gradient(*args, solver="pinv", damping=DAMPING)
     sol = nc.natural_gradient(*args, solver="pcg", damping=DAMPING, tol=TOL64, **opts)
-    _check(sol, ref, _kappa(*args[:3], case["family"], DAMPING))
+    check_residual_bound(sol, ref, kappa_dense(*args[:3], case["family"], DAMPING))
     expected = 0 if opts.get("preconditioner") == "diagonal" else case["num_params"]
     assert int(sol.stats["kronecker_params"]) == expected
 
@@ -94,48 +82,13 @@ def test_pcg_fisher_kinds(kind):
     opts = dict(kind=kind, damping=DAMPING, key=key, num_samples=2)
     ref = nc.natural_gradient(*args, solver="pinv", **opts)
     sol = nc.natural_gradient(*args, solver="pcg", tol=TOL64, **opts)
-    kap = _kappa(*args[:3], case["family"], DAMPING, kind, case["y"], key)
-    _check(sol, ref, kap)
+    kap = kappa_dense(*args[:3], case["family"], DAMPING, kind, case["y"], key)
+    check_residual_bound(sol, ref, kap)
 
 
-def _flax():
-    net = fnn.Sequential([fnn.Dense(5), jnp.tanh, fnn.Dense(3)])
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
-    params = net.init(jax.random.PRNGKey(1), x)  # float32 by default: cast to float64
-    return net.apply, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params), x
-
-
-def _equinox():
-    net = eqx.nn.MLP(3, 3, 5, 1, activation=jnp.tanh, key=jax.random.PRNGKey(2))
-    params, static = eqx.partition(net, eqx.is_inexact_array)
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
-    return (lambda p, x: jax.vmap(eqx.combine(p, static))(x)), params, x
-
-
-def _conv():
-    """conv 3×3 (2 → 3, SAME) + bias, tanh, dense head (48 → 3): the kernel is diagonal."""
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def model(p, x):
-        h = jax.lax.conv_general_dilated(x, p["k"], (2, 2), "SAME", dimension_numbers=dn)
-        h = jnp.tanh(h + p["c"])
-        return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
-
-    ks = jax.random.split(jax.random.PRNGKey(4), 5)
-    params = {
-        "k": 0.5 * jax.random.normal(ks[0], (3, 3, 2, 3)),
-        "c": 0.1 * jax.random.normal(ks[1], (3,)),
-        "w": 0.3 * jax.random.normal(ks[2], (12, 3)),
-        "b": 0.1 * jax.random.normal(ks[3], (3,)),
-    }
-    return model, params, jax.random.normal(ks[4], (3, 4, 4, 2))
-
-
-MODELS = {"flax": (_flax, 38), "equinox": (_equinox, 38), "conv": (_conv, 39)}
-
-
-def _to32(tree):
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)
+#: Builders and the parameters the Kronecker preconditioner covers (the conv kernel: its
+#: diagonal only).
+MODELS = {"flax": (small_flax, 38), "equinox": (small_equinox, 38), "conv": (small_conv, 39)}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -151,17 +104,17 @@ def test_pcg_frameworks_and_conv_float64_and_float32(name):
     fam = nc.Categorical()
     y = jnp.asarray(np.random.default_rng(5).integers(0, 3, size=x.shape[0]))
     ref = nc.natural_gradient(model, params, x, y, fam, solver="pinv", damping=DAMPING)
-    kappa = _kappa(model, params, x, fam, DAMPING)
+    kappa = kappa_dense(model, params, x, fam, DAMPING)
     sol = nc.natural_gradient(model, params, x, y, fam, solver="pcg", damping=DAMPING, tol=TOL64)
-    _check(sol, ref, kappa)
+    check_residual_bound(sol, ref, kappa)
     assert int(sol.stats["kronecker_params"]) == n_kron  # dense layers; the conv is diagonal
-    p32, x32 = _to32(params), _to32(x)
+    p32, x32 = to32(params), to32(x)
     sol32 = nc.natural_gradient(
         model, p32, x32, y, fam, solver="pcg", damping=DAMPING, check_float64=True
     )
     assert flat(sol32.value).dtype == jnp.float32
     assert float(sol32.stats["tol"]) == pytest.approx(nc.default_tol(jnp.float32))
-    _check(sol32, ref, kappa)
+    check_residual_bound(sol32, ref, kappa)
 
 
 def _solve_jit(solver, model, family, damping):
@@ -188,9 +141,9 @@ def test_stale_prepared_gives_the_exact_answer():
         case["params"], case["x"], case["y"], old["params"], old["x"], old["y"]
     )
     ref = nc.natural_gradient(*_args(case), solver="pinv", damping=DAMPING)
-    kappa = _kappa(*_args(case)[:3], fam, DAMPING)
+    kappa = kappa_dense(*_args(case)[:3], fam, DAMPING)
     for value, stats in ((n, st), (fresh_n, fresh)):
-        _check(nc.Solution(value, None, stats), ref, kappa)
+        check_residual_bound(nc.Solution(value, None, stats), ref, kappa)
     # the stale factors are the old batch's: a thin input factor of rank ≤ 3 (+ bias)
     assert prepared["kronecker"][0]["qa"].shape == (4, 3)
     assert len(jax.tree_util.tree_leaves(prepared)) == 8
@@ -218,11 +171,11 @@ def test_fewer_steps_than_cg_when_ill_conditioned():
     damping = 1e-3
     args = (model, params, x, y, fam)
     ref = nc.natural_gradient(*args, solver="pinv", damping=damping)
-    kappa = _kappa(model, params, x, fam, damping)
+    kappa = kappa_dense(model, params, x, fam, damping)
     assert kappa > 1e5  # the case is ill-conditioned
     cg = nc.natural_gradient(*args, solver="cg", damping=damping, tol=TOL64)
     pcg = nc.natural_gradient(*args, solver="pcg", damping=damping, tol=TOL64)
-    _check(pcg, ref, kappa)
+    check_residual_bound(pcg, ref, kappa)
     assert int(pcg.stats["num_steps"]) * 2 <= int(cg.stats["num_steps"])
 
 

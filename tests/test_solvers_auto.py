@@ -56,6 +56,31 @@ def test_auto_candidates_are_registered_names_and_pcg_is_one_entry():
     assert choose(_facts(8, 100_000), WITH_PCG) == "gram"
 
 
+def _wide_mlp(n, **kw):
+    """The 784-128-10 MLP's facts (P = 101770): the dense product with ``C`` is factored for
+    both layers while ``N < 2·128``, for the first only above (``N < 2·784``)."""
+    layers = [(784, 128 + 128, 784 * 128 + 128), (128, 10 + 10, 128 * 10 + 10)]
+    kept = [layer for layer in layers if n < 2 * layer[0]]
+    factored = dict(
+        factored=sum(c for *_, c in kept),
+        factored_in=sum(a for a, *_ in kept),
+        factored_out=sum(b for _, b, _ in kept),
+    )
+    return _facts(n, 101770, gram_in=912, gram_out=276, **{**factored, **kw})
+
+
+def test_auto_picks_gram_cg_where_the_product_with_c_is_factored():
+    """On the wide MLP the output-space CG's product costs ``N²·Σb`` against a CG step's
+    two passes over ``P`` parameters, and its preconditioned step count grows as ``√N``:
+    it wins from N = 32 on; never undamped (CG needs ``λ > 0``) and never where nothing is
+    factored and ``N·r`` nears ``P``."""
+    for n in (32, 128, 512):
+        assert choose(_wide_mlp(n)) == "gram_cg", n
+    assert choose(_wide_mlp(8)) == "gram"
+    assert all(choose(_wide_mlp(n, damped=d)) == "gram" for n in (32, 512) for d in (False, None))
+    assert choose(_facts(2048, 20_000)) == "cg"
+
+
 def test_auto_costs_convolutions_at_their_measured_rates():
     """The MNIST-1D CNN's facts (P = 5210, forward 8.5e4 flops per example): costed as a
     dense network, CG wins at N = 128; with its convolutions' pass rate and CG step count

@@ -9,11 +9,13 @@ default batch) is summarised by the slope of a least-squares line in log–log a
 
 from __future__ import annotations
 
-#: Routes timed; names as in ``benchmarks/bench.py``'s table, and ``pcg (true Fisher)``: the
+#: Routes timed; names as in ``benchmarks/bench.py``'s table (``gram_cg``, the output-space
+#: CG, to the CG routes' relative residual), and ``pcg (true Fisher)``: the
 #: Kronecker-preconditioned CG (``solver="pcg"``) to the same relative residual as the CG
 #: routes, without their step cap (it is exact: its status says the residual was met).
 ROUTES = (
     "gram (true Fisher)",
+    "gram_cg (true Fisher)",
     "cg (true Fisher)",
     "cg (empirical Fisher)",
     "pcg (true Fisher)",

@@ -23,6 +23,13 @@ analysis of the model, else ``2·N·P`` as for a dense network)::
               + 3·pass                                 split (one K product), map back
     cg        = K_CG(dtype, conv) · (3·pass)           one JVP and one VJP per step
     pcg       = K_PCG(dtype, conv) · (3·pass) + pass + 2·P^1.5 / RATE_MATMUL  (when registered)
+    gram_cg   = r·pass / 2 + 2·N²·Σa' / RATE_MATMUL    D̃, the factored layers' kernels
+              + 2·N·r²·Σb / RATE_MATMUL                the per-example diagonal blocks
+              + steps · (2·N²·Σb' / RATE_MATMUL + OVERHEAD_PASS
+                         + 3·(pass · (P − P') / P))    the rest through the model
+              + 3·pass                                 split, map back
+      steps   = (4 + 25·√(N / Σa)) · (1 + min(2·N·r / P, 8)) · GCG_BITS(dtype)
+                (5·N^0.75 in place of the first factor with convolutions)
 
 and every route pays the residual test (three passes), left out as common to all (the
 Gram route's refinement runs only where that test fails, so it is not costed). The
@@ -56,7 +63,7 @@ import jax.numpy as jnp
 from natchain._solvers._base import DEFAULT_MAX_PARAMS, AbstractSolver
 
 #: Route codes of ``stats["route"]``: the index of the chosen route's name.
-ROUTES = ("pinv", "cholesky", "gram", "cg", "pcg")
+ROUTES = ("pinv", "cholesky", "gram", "cg", "pcg", "gram_cg")
 
 RATE_MATMUL = 9e10  # flop/s, large matrix products
 RATE_PASS = 6e10  # flop/s, a forward/JVP/VJP pass of the model
@@ -74,6 +81,15 @@ K_CG_CONV = {64: 800, 32: 250, 16: 80}
 # directions where the low-rank Fisher has none), so it is costed at that count.
 K_PCG = {64: 400, 32: 120, 16: 40}
 K_PCG_CONV = {64: 2000, 32: 600, 16: 200}  # 457–669 steps on the MNIST-1D CNN in float32
+# Block-Jacobi CG on the output-space system (solver="gram_cg"), float32 at damping 1e-3 on
+# the tanh MLPs of benchmarks/bench.py --auto-grid: the steps grow as the square root of the
+# batch over the summed layer inputs Σa (the input Gram's aspect ratio: 4, 6, 10, 20 steps
+# at N = 8 … 512 for 784-128-10; 7, 18, 48, 76 for 64-128-10), and faster once N·r nears P
+# (C turns singular and its near-null directions must be resolved as well: 133 steps for
+# 64-16-10, P = 1210, at N = 512). With convolutions they grow as N^0.75 (67 / 239 / 582
+# steps on the MNIST-1D CNN at N = 32 / 128 / 512). Other float widths scale by their
+# tolerance, as for CG.
+GCG_BITS = {64: 3.0, 32: 1.0, 16: 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +109,9 @@ class Facts:
     dense_ok: bool = True  # P ≤ max_params
     conv: bool = False  # the model has a recognised convolution (CG is costed at more steps)
     flops: float | None = None  # of one forward pass over the batch (None: 2·N·P, dense)
+    factored: int = 0  # parameters whose product with C is factored (solver="gram_cg")
+    factored_in: int = 0  # Σa of those layers
+    factored_out: int = 0  # Σb of those layers
 
 
 def _pass(f: Facts) -> float:
@@ -129,6 +148,25 @@ def _pcg(f: Facts) -> float:
     return (steps * 3 + 1) * _pass(f) + 2.0 * f.p**1.5 / RATE_MATMUL
 
 
+def _gram_cg_steps(f: Facts) -> float:
+    if f.conv:
+        steps = 5.0 * f.n**0.75
+    else:
+        steps = 4.0 + 25.0 * math.sqrt(f.n / max(f.gram_in, 1))
+    return steps * (1.0 + min(2.0 * f.n * f.r / f.p, 8.0)) * GCG_BITS[f.bits]
+
+
+def _gram_cg(f: Facts) -> float:
+    build = 0.5 * f.r * _pass(f) + 2.0 * f.n**2 * f.factored_in / RATE_MATMUL  # D̃, kernels
+    build += 2.0 * f.n * f.r**2 * f.gram_out / RATE_MATMUL  # the diagonal blocks
+    step = 2.0 * f.n**2 * f.factored_out / RATE_MATMUL + OVERHEAD_PASS
+    rest = (f.p - f.factored) / f.p  # the rest goes through the model, as a CG step
+    if rest > 0:
+        flops = 2.0 * f.n * f.p if f.flops is None else f.flops
+        step += 3 * (rest * flops / (RATE_PASS_CONV if f.conv else RATE_PASS) + OVERHEAD_PASS)
+    return build + _gram_cg_steps(f) * step + 3 * _pass(f)
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """One route ``auto`` may pick: its registered name, when it applies, its cost."""
@@ -151,6 +189,7 @@ CANDIDATES = (
     ),
     Candidate("pinv", lambda f: f.dense_ok, lambda f: _dense(f, RATE_EIGH)),
     Candidate("gram", lambda f: True, _gram),
+    Candidate("gram_cg", _iterative_ok, _gram_cg),
     Candidate("pcg", _iterative_ok, _pcg),
     Candidate("cg", _iterative_ok, _cg),
 )
@@ -169,26 +208,54 @@ def choose(facts: Facts, registered=None) -> str:
     return min(estimates, key=estimates.get)
 
 
-def _structured_params(problem) -> tuple[int, int, int, bool]:
-    """``(parameters covered, Σa, Σb)`` by the Gram route's per-layer structure, and whether
-    the model has a recognised convolution (trace time)."""
+@dataclasses.dataclass(frozen=True)
+class Cover:
+    """What the Gram route's per-layer structure covers (trace time)."""
+
+    params: int = 0  # parameters covered
+    sum_in: int = 0  # Σ input widths a of the covered matrix leaves
+    sum_out: int = 0  # Σ output widths b of the covered leaves (a bias: its size)
+    factored: int = 0  # parameters of the dense sites with a factored product (N < 2a)
+    factored_in: int = 0  # Σa of those sites
+    factored_out: int = 0  # Σb of those sites
+    conv: bool = False  # a recognised convolution
+
+
+def _widths(leaf) -> tuple[int, int]:
+    if leaf.ndim >= 2:
+        return math.prod(leaf.shape[:-1]), leaf.shape[-1]
+    return 0, leaf.size
+
+
+def _cover(problem) -> Cover:
+    """The :class:`Cover` of ``problem``'s model (an empty one where nothing is found)."""
     import jax
 
     from natchain._gram import gram_sites
 
-    params = problem.params
+    params, n = problem.params, problem.batch_size
     try:
-        _, structure, kept, _ = gram_sites(problem.model, params, problem.x, problem.batch_size)
+        _, structure, kept, _ = gram_sites(problem.model, params, problem.x, n)
     except Exception:  # noqa: BLE001 - no structure found: the Gram route materialises J
-        return 0, 0, 0, False
+        return Cover()
     leaves = jax.tree_util.tree_leaves(params)
-    covered = {i for k in kept for i in structure.sites[k].leaves}
-    widths_in = sum(math.prod(leaves[i].shape[:-1]) for i in covered if leaves[i].ndim >= 2)
-    widths_out = sum(
-        leaves[i].shape[-1] if leaves[i].ndim >= 2 else leaves[i].size for i in covered
-    )
+    total = dict.fromkeys(("params", "sum_in", "sum_out", "factored", "factored_in"), 0)
+    total["factored_out"] = 0
+    for key in kept:
+        site = structure.sites[key]
+        widths = [_widths(leaves[i]) for i in site.leaves]
+        size = sum(int(leaves[i].size) for i in site.leaves)
+        a_in, b_out = sum(a for a, _ in widths), sum(b for _, b in widths)
+        total["params"] += size
+        total["sum_in"] += a_in
+        total["sum_out"] += b_out
+        # the dense pattern's factored product pays where N·S < 2·a (S = 1 assumed here)
+        if site.pattern.name == "dense" and n < 2 * a_in:
+            total["factored"] += size
+            total["factored_in"] += a_in
+            total["factored_out"] += b_out
     conv = any(site.pattern.name == "conv" for site in structure.sites.values())
-    return int(sum(leaves[i].size for i in covered)), int(widths_in), int(widths_out), conv
+    return Cover(**total, conv=conv)
 
 
 def _forward_flops(problem) -> float | None:
@@ -211,7 +278,7 @@ def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
     """The :class:`Facts` of a :class:`natchain._problem.Problem`."""
     n, m, r = problem.factor.shape
     p = problem.num_params
-    structured, gram_in, gram_out, conv = _structured_params(problem)
+    cover = _cover(problem)
     return Facts(
         n=n,
         m=m,
@@ -220,11 +287,14 @@ def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
         bits=jnp.finfo(problem.flat.dtype).bits,
         damped=problem.damped,
         kind=problem.kind,
-        structured=structured,
-        gram_in=gram_in,
-        gram_out=gram_out,
+        structured=cover.params,
+        gram_in=cover.sum_in,
+        gram_out=cover.sum_out,
+        factored=cover.factored,
+        factored_in=cover.factored_in,
+        factored_out=cover.factored_out,
         dense_ok=max_params is None or p <= max_params,
-        conv=conv,
+        conv=cover.conv,
         flops=_forward_flops(problem),
     )
 
@@ -232,10 +302,10 @@ def facts_of(problem, max_params=DEFAULT_MAX_PARAMS) -> Facts:
 class Auto(AbstractSolver):
     """The cheapest exact route for the problem's sizes, chosen at trace time.
 
-    Chooses among ``"cholesky"``, ``"pinv"``, ``"gram"``, ``"cg"`` (and ``"pcg"`` when it is
-    registered) by the cost model of :mod:`natchain._solvers.auto`, runs it with its
-    defaults and reports the choice as ``stats["route"]`` (an index into :data:`ROUTES`,
-    listed in docs/statistics.md). The residual test is that of every solver.
+    Chooses among ``"cholesky"``, ``"pinv"``, ``"gram"``, ``"gram_cg"``, ``"cg"`` (and
+    ``"pcg"`` when it is registered) by the cost model of :mod:`natchain._solvers.auto`,
+    runs it with its defaults and reports the choice as ``stats["route"]`` (an index into
+    :data:`ROUTES`, listed in docs/statistics.md). The residual test is that of every solver.
 
     Args:
         max_params: the dense routes are considered only for ``P ≤ max_params``

@@ -168,15 +168,21 @@ class Gram(AbstractSolver):
     def _output_solver(self, problem, damping):
         """``(solve_u, refine_u, stats)``: ``b ↦ u`` with ``(F + λI)⁺ g = Jᵀ u`` for the
         cotangent ``b``, one refinement step ``u ↦ u'`` against the problem's own ``b``,
-        and the factorisation's statistics."""
-        ms = problem.factor
-        n, m, r = ms.shape
+        and the output-space solve's statistics (a subclass may complete them in the
+        first call of ``solve_u``)."""
         if self.rows is not None:
             damped, undamped, stats = system_rows(self, problem, damping)
         else:
             cmat, gram_stats = factor_gram(problem, structured=self.structured)
             damped, undamped, stats = self.factorise(cmat, problem, damping)
             stats.update(gram_stats)
+        return (*self._output_maps(problem, damping, damped, undamped), stats)
+
+    def _output_maps(self, problem, damping, damped, undamped):
+        """``(solve_u, refine_u)`` from products with ``(C + λI)⁻¹`` (``damped``) and ``C⁺``
+        (``undamped``; ``None`` where the damping is known to be positive)."""
+        ms = problem.factor
+        n, m, r = ms.shape
         positive = damping > 0
         lam = jnp.where(positive, damping, 1.0)
         coefficients = _coefficients(ms)
@@ -194,4 +200,4 @@ class Gram(AbstractSolver):
         def refine_u(u):  # one step of iterative refinement on the output-space residual
             return u + solve_u(b - problem.apply_fblk(problem.ntk_vp(u)) - damping * u)
 
-        return solve_u, refine_u, stats
+        return solve_u, refine_u

@@ -346,6 +346,13 @@ class AbstractPattern(abc.ABC):
     def gram(self, site: Site, data: GramData):
         """The site's ``(N·r, N·r)`` block of ``C = Mᵀ J Jᵀ M`` (rows ``(example, column)``)."""
 
+    def gram_operator(self, site: Site, data: GramData) -> Callable | None:
+        """The product ``v ↦ C_site v`` (``v`` of shape ``(N, r)``) without forming the block,
+        where a factored form is cheaper per product than going through the parameters;
+        ``None`` (the default): the iterative Gram route multiplies through the linearised
+        model for the site's leaves instead."""
+        return None
+
     def gram_decline(self, site: Site, input_axes: tuple, out_axis: int) -> str | None:
         """Why :meth:`gram` cannot handle the site with these example axes (``None``: it can).
 

@@ -79,7 +79,8 @@ class DensePattern(AbstractPattern):
             return "the example axes of input and output do not correspond"
         return None
 
-    def gram(self, site, data):
+    def _operands(self, site, data):
+        """``h`` as ``(N, S, C)`` and ``D̃`` as ``(r, N, S, O)`` (the module docstring's layout)."""
         info = site.info
         (h,), (h_axis,), cot, out_axis = data
         r = cot.shape[0]
@@ -91,19 +92,43 @@ class DensePattern(AbstractPattern):
         hm = jnp.transpose(h, (h_axis, *other, *info["h_contract"])).reshape(n, s_, c_)
         perm = (0, 1 + out_axis, *(1 + a for a in out_other), *(1 + a for a in info["out_w"]))
         d = jnp.transpose(cot, perm).reshape(r, n, s_, o_).astype(hm.dtype)
+        return hm, d
+
+    def _kernel(self, site, hm):
+        hk = jnp.einsum("isc,jtc->isjt", hm, hm)
+        return hk + 1.0 if site.shift is not None else hk
+
+    def gram(self, site, data):
+        hm, d = self._operands(site, data)
+        r, n, s_, o_ = d.shape
+        c_ = hm.shape[2]
         bias = site.shift is not None
         rows_cost = n * r * s_ * c_ * o_ + (n * r) ** 2 * (c_ + bias) * o_
         kernel_cost = (n * s_) ** 2 * c_ + (n * r * s_) ** 2 * o_ + (n * r * s_) ** 2
         if kernel_cost <= rows_cost:
-            hk = jnp.einsum("isc,jtc->isjt", hm, hm)
-            if bias:
-                hk = hk + 1.0
-            k = jnp.einsum("isjt,aiso,bjto->iajb", hk, d, d, optimize=True)
+            k = jnp.einsum("isjt,aiso,bjto->iajb", self._kernel(site, hm), d, d, optimize=True)
             return k.reshape(n * r, n * r)
         rows = jnp.einsum("isc,aiso->iaco", hm, d).reshape(n, r, c_ * o_)
         if bias:
             rows = jnp.concatenate([rows, jnp.swapaxes(jnp.sum(d, axis=2), 0, 1)], axis=2)
         return rows_gram(rows)
+
+    def gram_operator(self, site, data):
+        """The kernel trick as a product: ``v ↦ Σ_{s,o} D̃_{a,is,o} Σ_{j,t} (h_{is}·h_{jt} + 1)
+        Σ_b D̃_{b,jt,o} v_{jb}``, ``(N·S)² O`` per product against ``2 N·S·C·O`` through
+        the weight, after one ``(N·S)² C`` kernel; offered where the product is cheaper."""
+        hm, d = self._operands(site, data)
+        r, n, s_, o_ = d.shape
+        if (n * s_) ** 2 * o_ >= 2 * n * s_ * hm.shape[2] * o_:
+            return None
+        hk = self._kernel(site, hm)
+
+        def apply(v):
+            w = jnp.einsum("bjto,jb->jto", d, v.astype(d.dtype))
+            z = jnp.einsum("isjt,jto->iso", hk, w)
+            return jnp.einsum("aiso,iso->ia", d, z)
+
+        return apply
 
     def layer_rule(self, site):
         from natchain._modular._layers import dense_rule

@@ -686,6 +686,7 @@ def census_numbers(rows: list[dict]) -> dict:
 #: Routes of the cost experiment quoted in the text: (route name in results, macro label).
 COST_ROUTES = (
     ("gram (true Fisher)", "gram"),
+    ("gram_cg (true Fisher)", "gramcg"),
     ("cg (true Fisher)", "cg"),
     ("pcg (true Fisher)", "pcg"),
     ("modular, layer granularity", "modular"),
@@ -728,13 +729,56 @@ def cost_numbers(rows) -> dict:
         for b in COST_BATCHES:
             v = by_batch.get(b)
             nums[macro_name("cost", label, "ratio", str(b))] = fmt(v, 2) if v else "n/a"
-            if label in ("cg", "pcg"):
+            if label in ("cg", "pcg", "gramcg"):
                 k = by_steps.get(b)
                 nums[macro_name("cost", label, "steps", str(b))] = (
                     str(int(k)) if k is not None else "n/a"
                 )
     for b in COST_BATCHES:
         nums[macro_name("cost", "batch", str(b))] = str(b)
+    return nums
+
+
+# ---- peer benchmark -----------------------------------------------------------------------------
+
+#: The peer benchmark's record (``python benchmarks/peer.py``): natchain's optimiser steps
+#: beside optax and kfac-jax in one process.
+PEER = ROOT / "benchmarks" / "peer.json"
+PEER_KFAC = "kfac-jax, inverse every 10 steps"
+PEER_EXACT = "natchain exact, "
+
+
+def peer_numbers(path=PEER) -> dict:
+    """On the benchmark MLP, per batch: the cheapest fixed exact natchain optimiser step
+    (median ratio to SGD, and its route), kfac-jax's with its inverse every ten steps, and the
+    batches where the exact step costs at most kfac-jax's."""
+    batches = (32, 128, 512)
+    record = json.loads(path.read_text()) if path.exists() else {"rows": [], "config": {}}
+    rows = record["rows"]
+    model = record["config"].get("models", {}).get("mlp", "n/a")
+    nums = {macro_name("peer", "mlp"): model.split(" ")[0]}
+    timed = [r for r in rows if r["model"] == "mlp" and "ratio" in r]
+    at_most = []
+    for b in batches:
+        exact = [  # the fixed routes (auto runs one of them)
+            r
+            for r in timed
+            if r["batch"] == b and r["route"].startswith(PEER_EXACT) and "auto" not in r["route"]
+        ]
+        kfac = [r for r in timed if r["batch"] == b and r["route"] == PEER_KFAC]
+        best = min(exact, key=lambda r: r["ratio"]) if exact else None
+        key = str(b)
+        nums[macro_name("peer", "batch", key)] = key
+        nums[macro_name("peer", "exact", "ratio", key)] = fmt(best["ratio"], 2) if best else "n/a"
+        route = best["route"][len(PEER_EXACT) :].split(" ")[0] if best else "n/a"
+        nums[macro_name("peer", "exact", "route", key)] = (
+            r"\texttt{" + route.replace("_", r"\_") + "}"
+        )
+        nums[macro_name("peer", "kfac", "ratio", key)] = fmt(kfac[0]["ratio"], 2) if kfac else "n/a"
+        if best and kfac and best["ratio"] <= kfac[0]["ratio"]:
+            at_most.append(key)
+    words = {0: "no batch size", 1: "batch {}", 2: "batches {} and {}", 3: "batches {}, {} and {}"}
+    nums[macro_name("peer", "exact", "at", "most", "kfac")] = words[len(at_most)].format(*at_most)
     return nums
 
 
@@ -878,6 +922,7 @@ def generate(results: Path, out: Path) -> list[Path]:
 
     _, cost_rows, _ = load(results, "cost")
     nums.update(cost_numbers(cost_rows))
+    nums.update(peer_numbers())
 
     _, nrows, nruns = load(results, "nullspace")
     nsum = nullspace_summary(nrows, nruns)
