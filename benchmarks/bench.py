@@ -549,7 +549,9 @@ def write_readme(rows, env, reps):
         f"{CG_MAXITER} steps, steps taken in brackets); median of {reps} calls after warm-up.",
         "One CG step costs about one Fisher-vector product (its own row) plus vector updates;",
         "the gram route's cost is dominated by the Cholesky factorisation of its",
-        "N·(m−1) × N·(m−1) system. How the costs grow with batch size and width:",
+        "N·(m−1) × N·(m−1) system; gram_cg solves that system by block-Jacobi-preconditioned",
+        "CG (steps in brackets), one product with it per step. How the costs grow with batch",
+        "size and width:",
         "`python -m experiments cost` (results/cost/).",
         *(
             [
@@ -565,7 +567,9 @@ def write_readme(rows, env, reps):
     ]
     if cnn_rows:
         p_cnn = _num_params(init_cnn(jax.random.PRNGKey(1)))
-        structured = [r for r in cnn_rows if "structured_params" in r]
+        structured = [
+            r for r in cnn_rows if "structured_params" in r and r["route"] == "gram (true Fisher)"
+        ]
         lines += [
             "",
             "## MNIST-1D CNN",

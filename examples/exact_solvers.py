@@ -43,9 +43,16 @@ def main():
         )
         print(f"\ndamping = {damping:g}")
         print(f"{'solver':10s} {'rel. error vs pinv':>20s} {'time (ms)':>10s}  statistics")
-        for solver, opts in [("pinv", {}), ("cholesky", {}), ("gram", {}), ("cg", {"tol": 1e-12})]:
-            if solver == "cholesky" and damping == 0:
-                continue
+        routes = [
+            ("pinv", {}),
+            ("cholesky", {}),
+            ("gram", {}),
+            ("gram_cg", {"tol": 1e-12}),
+            ("cg", {"tol": 1e-12}),
+        ]
+        for solver, opts in routes:
+            if solver in ("cholesky", "gram_cg") and damping == 0:
+                continue  # both need damping > 0
 
             def run(solver=solver, damping=damping, opts=opts):
                 return nc.natural_gradient(
