@@ -3,20 +3,27 @@
 The Gram route (:mod:`natchain._solvers.gram`) reduces the damped natural gradient to one
 system in output space, ``(C + λI) y = c``, ``C = Mᵀ J Jᵀ M`` of size ``N·r``, and factorises
 ``C``: its cost is the ``(N·r)³/3`` of a Cholesky factorisation, cubic in the batch. This
-route solves the same system by conjugate gradient instead, never forming ``C``: each
-step is one product ``Mᵀ J Jᵀ M v`` (a VJP and a JVP of the linearised model, about one
-Fisher-vector product). The preconditioner is the block diagonal of ``C`` — the ``r × r``
-block of each example with itself, ``B_i B_iᵀ`` — built from the same per-layer structure
-the Gram route uses (:func:`natchain._gram.factor_gram_diagonal`) at the cost of ``N``
-one-example blocks, and applied as ``N`` small Cholesky solves.
+route solves the same system by conjugate gradient instead, never forming ``C``. A product
+``C v = Mᵀ J Jᵀ M v`` is, per layer whose pattern offers it, a factored form (a dense
+layer's input kernel: ``N²`` per output width, against two passes through the weight;
+:meth:`~natchain._structure._base.AbstractPattern.gram_operator`), and for the other
+leaves one JVP and one VJP of the model linearised in them (:func:`gram_product`). The
+preconditioner is the block diagonal of ``C`` — the ``r × r`` block of each example with
+itself, ``B_i B_iᵀ`` — built from the same per-layer structure the Gram route uses
+(:func:`natchain._gram.factor_gram_diagonal`) at the cost of ``N`` one-example blocks, and
+applied as ``N`` small Cholesky solves.
 
 Why it helps: ``C``'s diagonal blocks carry each example's own scale (its input norm, its
-softmax), which varies across the batch and spreads the spectrum; what is left after
-dividing it out is the coupling between examples. On the 784-128-10 MLP of
-``benchmarks/`` the block-Jacobi preconditioner halves the CG steps of the output-space
-system or better (``experiments/``'s cost section measures it). Everything else — the
-split of the cotangent, the refinement on failure, the residual test on the original
-parameter-space system — is the Gram route's own; only ``(C + λI)⁻¹`` is replaced.
+output Fisher), which varies across the batch and spreads the spectrum; what is left after
+dividing it out is the coupling between examples, which grows with the batch relative to
+the layer widths. ``results/cost/`` records its step counts beside those of CG in
+parameter space on the benchmark MLP; ``tests/test_gram_cg.py`` has a batch whose inputs
+differ in scale by ``10⁴``, where it needs at most half of CG's steps. Where ``N·r`` nears
+``P`` (or on convolutional networks, whose output-space system is far worse conditioned)
+it needs more steps than CG in parameter space: ``solver="auto"`` costs both. Everything
+else — the split of the cotangent, the refinement on failure, the residual test on the
+original parameter-space system — is the Gram route's own; only ``(C + λI)⁻¹`` is
+replaced.
 
 The iteration needs ``λ > 0``: the undamped Gram formula applies ``C⁺`` twice, which CG
 on a singular ``C`` does not give.
