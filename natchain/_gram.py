@@ -153,8 +153,9 @@ def tap_cotangents(problem, leaves, closed, sites, us):
     return recorded, jax.vmap(lambda u: vjp_fn(u.astype(dtype))[0])(us)
 
 
-def _site_data(problem):
-    """Each kept site with its :class:`GramData`: ``{key: (site, data)}``."""
+def site_data(problem):
+    """Each site the Gram route keeps, with what it recorded: ``{key: (site, GramData)}``
+    (one forward pass and one batched backward pass per factor column)."""
     ms = problem.factor
     n = ms.shape[0]
     params = problem.params
@@ -178,7 +179,7 @@ def site_blocks(problem):
     dtype = problem.eta.dtype
     return {
         key: (site, site.pattern.gram(site, data).astype(dtype))
-        for key, (site, data) in _site_data(problem).items()
+        for key, (site, data) in site_data(problem).items()
     }
 
 
@@ -227,12 +228,6 @@ def factor_gram(problem, structured="auto"):
     return cmat, {"structured_params": jnp.asarray(n_struct)}
 
 
-def site_data(problem):
-    """Each site the Gram route keeps, with what it recorded: ``{key: (site, GramData)}``
-    (one forward pass and one batched backward pass per factor column)."""
-    return _site_data(problem)
-
-
 def factor_gram_diagonal(problem, structured="auto", data=None):
     """The per-example diagonal blocks of ``C`` (``(N, r, r)``), built as
     :func:`factor_gram` builds ``C`` (the same sites, the same fallback) at the cost of
@@ -242,7 +237,7 @@ def factor_gram_diagonal(problem, structured="auto", data=None):
         n, _, r = problem.factor.shape
         b = problem.factor_jacobian().reshape(n, r, -1)
         return jnp.einsum("iap,ibp->iab", b, b)
-    data = _site_data(problem) if data is None else data
+    data = site_data(problem) if data is None else data
     dtype = problem.eta.dtype
     diag = sum(_example_diagonal(site, d).astype(dtype) for site, d in data.values())
     leaves, treedef = jax.tree_util.tree_flatten(problem.params)

@@ -116,11 +116,11 @@ def rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-300))
 
 
-def kappa_dense(model, params, x, family, damping, kind="true", y=None, key=None):
-    """``κ(F + λI)`` from the dense Fisher (float64)."""
-    f = nc.fisher_matrix(model, params, x, family, kind=kind, y=y, key=key)
-    w = np.linalg.eigvalsh(np.asarray(f, np.float64))
-    return (max(w.max(), 0.0) + damping) / (max(w.min(), 0.0) + damping)
+def kappa_of(ref):
+    """``κ(F + λI)`` of a damped dense reference (``solver="pinv"``): its own ``condition``,
+    the ratio of the extreme eigenvalues of ``F + λI`` (damped, nothing is cut)."""
+    assert int(ref.stats["num_cut"]) == 0
+    return float(ref.stats["condition"])
 
 
 def check_residual_bound(sol, ref, kappa):

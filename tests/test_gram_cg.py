@@ -19,6 +19,7 @@ from cases import (
     CASES,
     check_residual_bound,
     flat,
+    kappa_of,
     make_case,
     small_conv,
     small_equinox,
@@ -43,14 +44,6 @@ GCG_CASES = [CASES[0], CASES[2], CASES[3]]
 MODELS = {"equinox": small_equinox, "conv": small_conv}
 
 
-def _kappa(ref):
-    """``κ(F + λI)``: the dense reference's own ``condition`` (damped, nothing is cut, so it
-    is the ratio of the extreme eigenvalues of ``F + λI`` that :func:`cases.kappa_dense`
-    computes)."""
-    assert int(ref.stats["num_cut"]) == 0
-    return float(ref.stats["condition"])
-
-
 def _args(case):
     return (case["model"], case["params"], case["x"], case["y"], case["family"])
 
@@ -60,7 +53,7 @@ def test_gram_cg_matches_dense_pinv_float64(case):
     args = _args(case)
     ref = nc.natural_gradient(*args, solver="pinv", damping=DAMPING)
     sol = nc.natural_gradient(*args, solver="gram_cg", damping=DAMPING, tol=TOL64)
-    check_residual_bound(sol, ref, _kappa(ref))
+    check_residual_bound(sol, ref, kappa_of(ref))
     assert int(sol.stats["structured_params"]) == case["num_params"]
     assert 1 <= int(sol.stats["num_steps"]) <= int(sol.stats["size"])
 
@@ -75,7 +68,7 @@ def test_gram_cg_fisher_kinds(kind):
     opts = dict(kind=kind, damping=DAMPING, key=key, num_samples=2)
     ref = nc.natural_gradient(*args, solver="pinv", **opts)
     sol = nc.natural_gradient(*args, solver="gram_cg", tol=TOL64, **opts)
-    check_residual_bound(sol, ref, _kappa(ref))
+    check_residual_bound(sol, ref, kappa_of(ref))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -85,7 +78,7 @@ def test_gram_cg_frameworks_and_conv_float64_and_float32(name):
     fam = nc.Categorical()
     y = jnp.asarray(np.random.default_rng(5).integers(0, 3, size=x.shape[0]))
     ref = nc.natural_gradient(model, params, x, y, fam, solver="pinv", damping=DAMPING)
-    kappa = _kappa(ref)
+    kappa = kappa_of(ref)
     sol = nc.natural_gradient(
         model, params, x, y, fam, solver="gram_cg", damping=DAMPING, tol=TOL64
     )
@@ -148,7 +141,7 @@ def test_block_jacobi_absorbs_per_example_scale():
     args = (case["model"], case["params"], x, case["y"], case["family"])
     damping = 1e-3
     ref = nc.natural_gradient(*args, solver="pinv", damping=damping)
-    kappa = _kappa(ref)
+    kappa = kappa_of(ref)
     cg = nc.natural_gradient(*args, solver="cg", damping=damping, tol=TOL64)
     gcg = nc.natural_gradient(*args, solver="gram_cg", damping=damping, tol=TOL64)
     check_residual_bound(cg, ref, kappa)
