@@ -252,6 +252,14 @@ def factor_gram_diagonal(problem, structured="auto", data=None):
 def _fallback_rows(problem, leaves, treedef, rest):
     """Per leaf without recognised structure, its rows of ``B = Mᵀ J``: ``(N, r, size)``
     each, from the leaf's materialised Jacobian."""
+    jacs = jax.jacrev(model_in(problem, leaves, treedef, rest))([leaves[i] for i in rest])
+    n, m, r = problem.factor.shape
+    return [jnp.einsum("nmr,nmp->nrp", problem.factor, jac.reshape(n, m, -1)) for jac in jacs]
+
+
+def model_in(problem, leaves, treedef, rest):
+    """The model's outputs as a function of the leaves at positions ``rest`` only (a list of
+    them, in that order), the other leaves held at their values."""
 
     def f(sub):
         ls = list(leaves)
@@ -259,9 +267,7 @@ def _fallback_rows(problem, leaves, treedef, rest):
             ls[i] = leaf
         return problem.model(jax.tree_util.tree_unflatten(treedef, ls), problem.x)
 
-    jacs = jax.jacrev(f)([leaves[i] for i in rest])
-    n, m, r = problem.factor.shape
-    return [jnp.einsum("nmr,nmp->nrp", problem.factor, jac.reshape(n, m, -1)) for jac in jacs]
+    return f
 
 
 def _fallback_gram(problem, leaves, treedef, rest):

@@ -114,9 +114,10 @@ class Facts:
     factored_out: int = 0  # Σb of those layers
 
 
-def _pass(f: Facts) -> float:
+def _pass(f: Facts, share: float = 1.0) -> float:
+    """One pass over the model, or over the ``share`` of it a product in some leaves needs."""
     flops = 2.0 * f.n * f.p if f.flops is None else f.flops
-    return flops / (RATE_PASS_CONV if f.conv else RATE_PASS) + OVERHEAD_PASS
+    return share * flops / (RATE_PASS_CONV if f.conv else RATE_PASS) + OVERHEAD_PASS
 
 
 def _jacobian(f: Facts, p: int) -> float:
@@ -162,8 +163,7 @@ def _gram_cg(f: Facts) -> float:
     step = 2.0 * f.n**2 * f.factored_out / RATE_MATMUL + OVERHEAD_PASS
     rest = (f.p - f.factored) / f.p  # the rest goes through the model, as a CG step
     if rest > 0:
-        flops = 2.0 * f.n * f.p if f.flops is None else f.flops
-        step += 3 * (rest * flops / (RATE_PASS_CONV if f.conv else RATE_PASS) + OVERHEAD_PASS)
+        step += 3 * _pass(f, rest)
     return build + _gram_cg_steps(f) * step + 3 * _pass(f)
 
 
@@ -232,6 +232,7 @@ def _cover(problem) -> Cover:
     import jax
 
     from natchain._gram import gram_sites
+    from natchain._structure.dense import factored_product_pays
 
     params, n = problem.params, problem.batch_size
     try:
@@ -239,8 +240,8 @@ def _cover(problem) -> Cover:
     except Exception:  # noqa: BLE001 - no structure found: the Gram route materialises J
         return Cover()
     leaves = jax.tree_util.tree_leaves(params)
-    total = dict.fromkeys(("params", "sum_in", "sum_out", "factored", "factored_in"), 0)
-    total["factored_out"] = 0
+    fields = ("params", "sum_in", "sum_out", "factored", "factored_in", "factored_out")
+    total = dict.fromkeys(fields, 0)
     for key in kept:
         site = structure.sites[key]
         widths = [_widths(leaves[i]) for i in site.leaves]
@@ -249,8 +250,8 @@ def _cover(problem) -> Cover:
         total["params"] += size
         total["sum_in"] += a_in
         total["sum_out"] += b_out
-        # the dense pattern's factored product pays where N·S < 2·a (S = 1 assumed here)
-        if site.pattern.name == "dense" and n < 2 * a_in:
+        # the dense pattern's own rule, with S = 1 row per example assumed here
+        if site.pattern.name == "dense" and factored_product_pays(n, a_in):
             total["factored"] += size
             total["factored_in"] += a_in
             total["factored_out"] += b_out

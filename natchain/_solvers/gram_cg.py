@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from natchain._gram import factor_gram_diagonal, site_data
+from natchain._gram import factor_gram_diagonal, model_in, site_data
 from natchain._solvers.cg import conjugate_gradient
 from natchain._solvers.gram import Gram
 from natchain._status import default_tol
@@ -143,15 +143,8 @@ def gram_product(problem, data):
     rest = [i for i in range(len(leaves)) if i not in covered]
     through_model = None
     if rest:
-
-        def f_rest(sub):
-            ls = list(leaves)
-            for i, leaf in zip(rest, sub, strict=True):
-                ls[i] = leaf
-            return problem.model(jax.tree_util.tree_unflatten(treedef, ls), problem.x)
-
         primals = [leaves[i] for i in rest]
-        _, jvp = jax.linearize(f_rest, primals)
+        _, jvp = jax.linearize(model_in(problem, leaves, treedef, rest), primals)
         vjp = jax.linear_transpose(jvp, primals)
 
         def through_model(v):

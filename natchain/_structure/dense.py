@@ -29,6 +29,13 @@ from natchain._structure._base import AbstractPattern, Decline, Match, rows_gram
 from natchain._structure._registry import register_pattern
 
 
+def factored_product_pays(rows: int, width: int) -> bool:
+    """Whether the kernel form of a product with a dense layer's block of ``C`` is cheaper
+    than two passes through its weight: ``rows² O < 2 · rows · C · O`` for ``rows = N·S``
+    input rows of width ``C``, i.e. ``rows < 2·C``."""
+    return rows < 2 * width
+
+
 def _prod(shape, axes):
     return math.prod(int(shape[a]) for a in axes)
 
@@ -119,7 +126,7 @@ class DensePattern(AbstractPattern):
         the weight, after one ``(N·S)² C`` kernel; offered where the product is cheaper."""
         hm, d = self._operands(site, data)
         r, n, s_, o_ = d.shape
-        if (n * s_) ** 2 * o_ >= 2 * n * s_ * hm.shape[2] * o_:
+        if not factored_product_pays(n * s_, hm.shape[2]):
             return None
         hk = self._kernel(site, hm)
 

@@ -752,8 +752,8 @@ def peer_numbers(path=PEER) -> dict:
     """On the benchmark MLP, per batch: the cheapest fixed exact natchain optimiser step
     (median ratio to SGD, and its route), kfac-jax's with its inverse every ten steps, and the
     batches where the exact step costs at most kfac-jax's."""
-    batches = (32, 128, 512)
     record = json.loads(path.read_text()) if path.exists() else {"rows": [], "config": {}}
+    batches = record["config"].get("batches", ())
     rows = record["rows"]
     model = record["config"].get("models", {}).get("mlp", "n/a")
     nums = {macro_name("peer", "mlp"): model.split(" ")[0]}
@@ -777,8 +777,13 @@ def peer_numbers(path=PEER) -> dict:
         nums[macro_name("peer", "kfac", "ratio", key)] = fmt(kfac[0]["ratio"], 2) if kfac else "n/a"
         if best and kfac and best["ratio"] <= kfac[0]["ratio"]:
             at_most.append(key)
-    words = {0: "no batch size", 1: "batch {}", 2: "batches {} and {}", 3: "batches {}, {} and {}"}
-    nums[macro_name("peer", "exact", "at", "most", "kfac")] = words[len(at_most)].format(*at_most)
+    if not at_most:
+        where = "no batch size"
+    elif len(at_most) == 1:
+        where = f"batch {at_most[0]}"
+    else:
+        where = f"batches {', '.join(at_most[:-1])} and {at_most[-1]}"
+    nums[macro_name("peer", "exact", "at", "most", "kfac")] = where
     return nums
 
 
